@@ -1,0 +1,172 @@
+"""Typed configuration: plain dataclasses, the single source of truth for every config key.
+
+`recsys_moe.config.store` registers them in Hydra's ConfigStore so that a YAML typo or a value of
+the wrong type fails when the config is composed, naming the key. Library code receives these
+objects (or plain arguments), never Hydra objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+class TaskType(str, Enum):
+    binary = "binary"  # logit head, BCE loss; AUC and log loss
+    regression = "regression"  # value head, MSE loss; RMSE and MAE
+
+
+class Pooling(str, Enum):
+    sum = "sum"
+    mean = "mean"
+
+
+class GateType(str, Enum):
+    softmax = "softmax"  # MMoE (Ma et al., KDD 2018): dense
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class SparseFeature:
+    """One categorical column (int64 or list<int64>) looked up in an embedding table."""
+
+    name: str = MISSING
+    num_embeddings: int = MISSING  # rows of its table
+    column: Optional[str] = None  # Parquet column; defaults to name
+    table: Optional[str] = None  # table name; features naming the same table share it
+    pooling: Pooling = Pooling.sum  # how a multi-valued row's embeddings are pooled
+
+    @property
+    def column_name(self) -> str:
+        return self.column or self.name
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+
+@dataclass
+class TaskSpec:
+    """One prediction task: its label column, type and optional mask and sample-weight columns."""
+
+    name: str = MISSING
+    type: TaskType = TaskType.binary
+    label: Optional[str] = None  # Parquet column; defaults to name
+    mask: Optional[str] = None  # bool column: the label exists on this row
+    weight: Optional[str] = None  # float column: per-row weight of this task's loss and metrics
+
+    @property
+    def label_column(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and what its columns mean."""
+
+    path: str = MISSING  # root folder of the data set
+    train: str = "train"  # train split: a folder, file or glob, relative to path
+    eval: str = "eval"  # eval split, likewise
+    batch_size: int = 512
+    eval_batch_size: int = 4096
+    dense: list[str] = field(default_factory=list)  # float columns, in order
+    sparse: list[SparseFeature] = field(default_factory=list)
+    tasks: list[TaskSpec] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class GateConfig:
+    type: GateType = GateType.softmax
+    # per-example: weights are a function of the MoE input; static: one learned weight vector per task
+    per_example: bool = True
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 16  # every table's embedding width
+    bottom_mlp: list[int] = field(
+        default_factory=lambda: [64, 32]
+    )  # dense features -> these widths
+    num_experts: int = 8
+    expert_hidden: list[int] = field(default_factory=lambda: [128])
+    expert_dim: int = 64  # width of each expert's output
+    tower: list[int] = field(default_factory=lambda: [64])  # per-task tower hidden widths
+    dropout: float = 0.0  # in experts and towers
+    gate: GateConfig = field(default_factory=GateConfig)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # task name -> weight (default 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimisation, training loop, logging
+
+
+@dataclass
+class DenseOptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up of the dense learning rate
+
+
+@dataclass
+class SparseOptimConfig:
+    """TorchRec fused optimizer applied to the embedding tables inside backward."""
+
+    name: str = "rowwise_adagrad"  # rowwise_adagrad | adagrad | adam | sgd
+    lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    dense: DenseOptimConfig = field(default_factory=DenseOptimConfig)
+    sparse: SparseOptimConfig = field(default_factory=SparseOptimConfig)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: int = -1  # > 0 stops after this many steps (overrides epochs)
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    log_every: int = 50  # steps between train-metric logs (the only host syncs in the loop)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "recsys_moe"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    # online | offline | disabled; null = $WANDB_MODE if set, else offline (no network needed)
+    mode: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True  # per-task table at each eval, and log lines
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)

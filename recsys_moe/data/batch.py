@@ -1,0 +1,68 @@
+"""The unit of training input.
+
+Legend: B = examples in the batch, F = dense features, T = tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One batch of examples.
+
+    dense:   [B, F] float32, in the order of `data.dense`.
+    sparse:  KeyedJaggedTensor keyed by sparse feature name (order of `data.sparse`); int64 ids.
+    labels:  [B, T] float32, in the order of `data.tasks`; meaningless where masks is False.
+    masks:   [B, T] bool or None (None: every label exists).
+    weights: [B, T] float32 or None (None: every row weighs 1).
+
+    Example:
+        >>> b = Batch(dense=torch.zeros(2, 3), sparse=kjt, labels=torch.zeros(2, 1))
+        >>> b = b.to(torch.device("cuda"), non_blocking=True)
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: torch.Tensor
+    masks: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device=device, non_blocking=non_blocking)
+
+        return Batch(
+            dense=self.dense.to(device=device, non_blocking=non_blocking),
+            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            masks=move(self.masks),
+            weights=move(self.weights),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.labels.record_stream(stream)
+        for t in (self.masks, self.weights):
+            if t is not None:
+                t.record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin_memory(),
+            labels=self.labels.pin_memory(),
+            masks=None if self.masks is None else self.masks.pin_memory(),
+            weights=None if self.weights is None else self.weights.pin_memory(),
+        )

@@ -1,0 +1,124 @@
+"""Where metrics go: metrics.jsonl / summary.json in the run dir, the console, Weights & Biases.
+
+Every sink receives the same flat keys ("train/loss", "eval/<task>/auc", ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from recsys_moe.config.schema import TaskType, WandbConfig
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(v: Any) -> Any:
+    # JSON has no NaN/Inf: write them as null rather than as invalid JSON.
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricSink:
+    """Base sink: log() per logged step or eval, summary() once at the end, close()."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_image(self, key: str, path: Path, step: int) -> None: ...
+
+    def summary(self, metrics: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink(MetricSink):
+    """metrics.jsonl: one JSON object per log() call, {"step": N, <flat keys>}; summary.json."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+
+    def summary(self, metrics: Mapping[str, float]) -> None:
+        payload = {k: _jsonable(v) for k, v in metrics.items()}
+        (self.run_dir / "summary.json").write_text(
+            json.dumps(payload, indent=2, sort_keys=True) + "\n"
+        )
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink(MetricSink):
+    """Weights & Biases run. Offline unless configured (logger.wandb.mode or $WANDB_MODE).
+
+    An online run that cannot start (no network, no API key) falls back to offline with a
+    warning: monitoring never stops training.
+    """
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]) -> None:
+        import wandb
+
+        self._wandb = wandb
+        mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+        kwargs = dict(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            group=cfg.group,
+            tags=list(cfg.tags) or None,
+            dir=str(run_dir),
+            config=config,
+            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
+        )
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # noqa: BLE001 - wandb raises many types for network/auth problems
+            if mode == "offline":
+                raise
+            log.warning("W&B %s run could not start (%s); logging offline instead", mode, e)
+            self.run = wandb.init(mode="offline", **kwargs)
+        log.info("W&B run %s (mode %s) in %s", self.run.id, mode, run_dir)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def summary(self, metrics: Mapping[str, float]) -> None:
+        self.run.summary.update(dict(metrics))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def format_task_table(
+    metrics: Mapping[str, float],
+    names: Sequence[str],
+    types: Sequence[TaskType],
+    prefix: str = "eval/",
+) -> str:
+    """A fixed-width per-task table of the eval metrics ('-' where a metric does not apply)."""
+    cols = ["auc", "log_loss", "rmse", "rmse_baseline", "mae", "rows"]
+    width = max([len("task"), *(len(n) for n in names)])
+    lines = [f"{'task':<{width}}  {'type':<10}  " + "  ".join(f"{c:>13}" for c in cols)]
+    for name, kind in zip(names, types):
+        cells = []
+        for c in cols:
+            v: Optional[float] = metrics.get(f"{prefix}{name}/{c}")
+            cells.append(
+                f"{'-':>13}" if v is None else (f"{int(v):>13d}" if c == "rows" else f"{v:>13.4f}")
+            )
+        lines.append(f"{name:<{width}}  {kind.value:<10}  " + "  ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""A bank of MLP experts with identical shapes, stored stacked so they run as batched matmuls.
+
+Legend: N = experts, B = examples, D = input width, H = a hidden width, O = output width.
+Experts compute only: which examples an expert sees is decided by the gates and the dispatcher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ExpertBank(nn.Module):
+    """N experts, each Linear -> ReLU (-> Dropout) per width of `hidden + [out_dim]`.
+
+    forward(x [B, D]) -> [N, B, O]: every expert on every example (the dense path).
+
+    Example:
+        >>> bank = ExpertBank(num_experts=8, in_dim=32, hidden=[64], out_dim=16)
+        >>> bank(torch.randn(4, 32)).shape
+        torch.Size([8, 4, 16])
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"model.num_experts ({num_experts}) must be >= 1")
+        self.num_experts = num_experts
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.dropout = dropout
+        widths = [in_dim, *hidden, out_dim]
+        # weights[l]: [N, widths[l], widths[l+1]]; biases[l]: [N, widths[l+1]]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(widths[:-1], widths[1:])
+        )
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.empty(num_experts, b)) for b in widths[1:]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The init of nn.Linear, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        h = x_BD
+        for w_NIO, b_NO in zip(self.weights, self.biases):
+            # [B, I] or [N, B, I] @ [N, I, O] -> [N, B, O]
+            h = F.relu(torch.matmul(h, w_NIO) + b_NO[:, None, :])
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+        return h

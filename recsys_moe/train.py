@@ -1,0 +1,39 @@
+"""Entry point: python -m recsys_moe.train [hydra overrides]   (or: recsys-moe-train)
+
+Composes conf/train.yaml against the typed schema (recsys_moe.config), builds the Trainer,
+trains, evaluates and writes metrics.jsonl, summary.json and config.yaml to the Hydra run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from recsys_moe.config.store import register, to_typed
+from recsys_moe.trainer import Trainer  # imported before Hydra sets up logging: FBGEMM logs its
+
+# library loads to the root logger at import, which would otherwise flood the console.
+
+register()
+log = logging.getLogger("recsys_moe")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    typed = to_typed(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer = Trainer(typed, run_dir, config_dict=OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    log.info("run dir: %s", run_dir)
+
+
+if __name__ == "__main__":
+    main()
