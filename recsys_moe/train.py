@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_moe.config.store import register, to_typed
 
+# Imported before Hydra sets up logging: FBGEMM logs each library it loads to the root logger at
+# import time, which would otherwise flood the console.
+from recsys_moe.trainer import Trainer
+
 # torch warns once per process that TorchRec's is_fx_tracing() is ambiguous; nothing to act on.
 logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-from recsys_moe.trainer import Trainer  # imported before Hydra sets up logging: FBGEMM logs its
-
-# library loads to the root logger at import, which would otherwise flood the console.
 
 register()
 log = logging.getLogger("recsys_moe")

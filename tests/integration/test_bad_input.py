@@ -44,7 +44,9 @@ def test_missing_column_names_file_and_column(tiny_train_config, tiny_data, tmp_
     tiny_train_config.data.path = str(data)
     with pytest.raises(DataError) as e:
         _trainer(tiny_train_config, tmp_path)
-    assert str(first) in str(e.value) and "'item_tags'" in str(e.value) and "missing" in str(e.value)
+    assert (
+        str(first) in str(e.value) and "'item_tags'" in str(e.value) and "missing" in str(e.value)
+    )
 
 
 def test_wrong_column_type_names_file_and_column(tiny_train_config, tiny_data, tmp_path):

@@ -15,7 +15,9 @@ def test_default_config_on_default_data_meets_the_bar(tmp_path):
     write(SyntheticSpec(), tmp_path / "data")
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = to_typed(compose("train", overrides=[f"data.path={tmp_path / 'data'}", "logger=none"]))
+        cfg = to_typed(
+            compose("train", overrides=[f"data.path={tmp_path / 'data'}", "logger=none"])
+        )
     trainer = Trainer(cfg, tmp_path / "run")
     try:
         summary = trainer.train()
@@ -25,4 +27,6 @@ def test_default_config_on_default_data_meets_the_bar(tmp_path):
         if task.type.value == "binary":
             assert summary[f"eval/{task.name}/auc"] >= 0.70, summary
         else:
-            assert summary[f"eval/{task.name}/rmse"] < summary[f"eval/{task.name}/rmse_baseline"], summary
+            assert summary[f"eval/{task.name}/rmse"] < summary[f"eval/{task.name}/rmse_baseline"], (
+                summary
+            )

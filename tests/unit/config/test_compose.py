@@ -27,14 +27,23 @@ def test_default_composes_to_typed_config():
     cfg = _compose()
     assert isinstance(cfg, TrainConfig)
     assert cfg.model.gate.type == GateType.softmax
-    assert [t.type for t in cfg.data.tasks] == [TaskType.binary, TaskType.binary, TaskType.regression, TaskType.regression]
+    assert [t.type for t in cfg.data.tasks] == [
+        TaskType.binary,
+        TaskType.binary,
+        TaskType.regression,
+        TaskType.regression,
+    ]
     assert cfg.data.tasks[3].mask == "rating_observed"
     assert cfg.trainer.epochs == 3
 
 
 @pytest.mark.parametrize(
     "group, option",
-    [(g, o) for g in ("data", "model", "model/gate", "optim", "trainer", "logger") for o in _options(g)],
+    [
+        (g, o)
+        for g in ("data", "model", "model/gate", "optim", "trainer", "logger")
+        for o in _options(g)
+    ],
 )
 def test_every_group_option_composes(group, option):
     _compose(f"{group}={option}")

@@ -37,7 +37,10 @@ def _write(tmp_path, n_files=3, rows=(7, 11, 5), row_group_size=4, seed=0):
         path=str(tmp_path),
         train=".",
         dense=["d0", "d1"],
-        sparse=[SparseFeature(name="user", column="uid", num_embeddings=50), SparseFeature(name="hist", num_embeddings=100)],
+        sparse=[
+            SparseFeature(name="user", column="uid", num_embeddings=50),
+            SparseFeature(name="hist", num_embeddings=100),
+        ],
         tasks=[
             TaskSpec(name="click", type=TaskType.binary, label="y"),
             TaskSpec(name="rating", type=TaskType.regression, label="r", mask="r_ok", weight="w"),
@@ -72,7 +75,9 @@ def test_roundtrip_across_row_groups_and_files(tmp_path, batch_size):
     assert all(b.sparse.values().dtype == torch.int64 for b in batches)
 
     labels = torch.cat([b.labels for b in batches])
-    np.testing.assert_array_equal(labels[:, 0].numpy(), table["y"].to_numpy(zero_copy_only=False).astype(np.float32))
+    np.testing.assert_array_equal(
+        labels[:, 0].numpy(), table["y"].to_numpy(zero_copy_only=False).astype(np.float32)
+    )
     np.testing.assert_allclose(labels[:, 1].numpy(), table["r"].to_numpy().astype(np.float32))
     masks = torch.cat([b.masks for b in batches])
     assert masks[:, 0].all()

@@ -52,10 +52,14 @@ def test_log_loss_rmse_mae_match_formulas():
     w = rng.uniform(0.5, 1.5, size=50)
     p = 1 / (1 + np.exp(-logits))
     expected = -(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum()
-    assert M.log_loss(torch.tensor(logits), torch.tensor(y), torch.tensor(w)) == pytest.approx(expected, rel=1e-10)
+    assert M.log_loss(torch.tensor(logits), torch.tensor(y), torch.tensor(w)) == pytest.approx(
+        expected, rel=1e-10
+    )
 
     pred, target = rng.normal(size=50), rng.normal(size=50)
     assert M.rmse(torch.tensor(pred), torch.tensor(target), torch.tensor(w)) == pytest.approx(
         math.sqrt((w * (pred - target) ** 2).sum() / w.sum()), rel=1e-12
     )
-    assert M.mae(torch.tensor(pred), torch.tensor(target)) == pytest.approx(np.abs(pred - target).mean(), rel=1e-12)
+    assert M.mae(torch.tensor(pred), torch.tensor(target)) == pytest.approx(
+        np.abs(pred - target).mean(), rel=1e-12
+    )

@@ -31,7 +31,9 @@ def test_masked_rows_are_ignored_even_when_they_hold_garbage():
     assert out["rating/rows"] == keep.sum().item()
     assert out["rating/rmse"] == pytest.approx(M.rmse(raw[keep, 1], labels[keep, 1]))
     assert out["rating/mae"] == pytest.approx(M.mae(raw[keep, 1], labels[keep, 1]))
-    assert out["rating/rmse_baseline"] == pytest.approx(M.rmse(torch.full((int(keep.sum()),), 0.25), labels[keep, 1]))
+    assert out["rating/rmse_baseline"] == pytest.approx(
+        M.rmse(torch.full((int(keep.sum()),), 0.25), labels[keep, 1])
+    )
     assert out["click/rows"] == B
     assert out["click/auc"] == pytest.approx(M.auc(raw[:, 0], labels[:, 0]))
     assert out["loss"] == pytest.approx(out["click/log_loss"] + out["rating/rmse"] ** 2)

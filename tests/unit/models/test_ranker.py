@@ -6,15 +6,17 @@ import pytest
 import torch
 
 from recsys_moe.config.schema import ModelConfig
-from recsys_moe.data.parquet import BatchBuilder, ParquetBatchReader, list_row_groups
 from recsys_moe.data.files import resolve_split
+from recsys_moe.data.parquet import BatchBuilder, ParquetBatchReader, list_row_groups
 from recsys_moe.models.ranker import MultiTaskRanker
 
 
 @pytest.fixture
 def batch(tiny_data_config):
     files = resolve_split(tiny_data_config.path, "train", "data.train")
-    return next(iter(ParquetBatchReader(list_row_groups(files), BatchBuilder(tiny_data_config), 64)))
+    return next(
+        iter(ParquetBatchReader(list_row_groups(files), BatchBuilder(tiny_data_config), 64))
+    )
 
 
 def test_forward_backward_shapes_and_gradients(tiny_data_config, batch):
@@ -29,7 +31,9 @@ def test_forward_backward_shapes_and_gradients(tiny_data_config, batch):
     binary = [t for t, task in enumerate(tiny_data_config.tasks) if task.type.value == "binary"]
     assert ((out.predictions[:, binary] > 0) & (out.predictions[:, binary] < 1)).all()
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    missing = [
+        n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not missing, missing
     # Every table row looked up by the batch received gradient; others did not.
     table = model.sparse_arch.embedding_bags["device"].weight
@@ -44,7 +48,9 @@ def test_loss_is_weighted_sum_of_task_losses(tiny_data_config, batch):
     model = MultiTaskRanker(tiny_data_config, ModelConfig(loss_weights=weights))
     loss, out = model(batch)
     w = torch.tensor([weights.get(t.name, 1.0) for t in tiny_data_config.tasks])
-    assert loss.item() == pytest.approx((w * out.task_losses).sum().item() + out.aux_loss.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        (w * out.task_losses).sum().item() + out.aux_loss.item(), rel=1e-6
+    )
 
 
 def test_rating_loss_ignores_unobserved_rows(tiny_data_config, batch):

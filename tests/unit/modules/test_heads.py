@@ -33,7 +33,9 @@ def test_weights_and_all_masked():
     raw = torch.tensor([0.0, 1.0, 2.0])
     label = torch.tensor([0.0, 0.0, 0.0])
     w = torch.tensor([1.0, 0.0, 3.0])
-    assert task_loss(TaskType.regression, raw, label, weight_B=w).item() == pytest.approx(12.0 / 4.0)
+    assert task_loss(TaskType.regression, raw, label, weight_B=w).item() == pytest.approx(
+        12.0 / 4.0
+    )
     none = torch.zeros(3, dtype=torch.bool)
     assert task_loss(TaskType.regression, raw, label, none).item() == 0.0
 
