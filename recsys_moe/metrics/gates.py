@@ -5,6 +5,7 @@ Legend: T = tasks, B = examples, N = experts.
 State (sums on the training device, updated without host syncs) is kept apart from reduction
 across ranks and from naming. compute() returns flat keys:
 - gate/<task>/active_experts: experts with nonzero weight, averaged per example;
+- gate/<task>/max_active_experts: the most experts with nonzero weight on any one example;
 - gate/<task>/experts_used: experts with nonzero weight for at least one example;
 - gate/<task>/entropy: entropy of the mixture weights, averaged per example;
 - gate/<task>/selected/<e>: fraction of examples giving expert e a nonzero weight;
@@ -45,6 +46,7 @@ class GateTelemetry:
         self.selected = torch.zeros(T, N, dtype=torch.float64, device=dev)
         self.weight = torch.zeros(T, N, dtype=torch.float64, device=dev)
         self.active = torch.zeros(T, dtype=torch.float64, device=dev)
+        self.max_active = torch.zeros(T, dtype=torch.long, device=dev)
         self.entropy = torch.zeros(T, dtype=torch.float64, device=dev)
         self.used = torch.zeros(T, N, dtype=torch.bool, device=dev)
         self.load = torch.zeros(N, dtype=torch.float64, device=dev)
@@ -66,6 +68,7 @@ class GateTelemetry:
             self.selected[t] += nz.sum(0)
             self.weight[t] += w.sum(0)
             self.active[t] += nz.sum()
+            self.max_active[t] = torch.maximum(self.max_active[t], nz.sum(-1).max())
             self.entropy[t] += torch.special.entr(w).sum()
             self.used[t] |= nz.any(0)
             any_nonzero = nz if any_nonzero is None else any_nonzero | nz
@@ -88,6 +91,7 @@ class GateTelemetry:
         used = self.used.to(torch.int32)
         dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
         self.used = used.bool()
+        dist.all_reduce(self.max_active, op=dist.ReduceOp.MAX, group=group)
         counts = torch.tensor([self.examples], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=group)
         self.examples = int(counts.item())
@@ -105,10 +109,12 @@ class GateTelemetry:
         active = (self.active / n).tolist()
         ent = (self.entropy / n).tolist()
         used = self.used.sum(1).tolist()
+        max_active = self.max_active.tolist()
         out: dict[str, float] = {}
         for t, name in enumerate(self.task_names):
             p = f"gate/{name}"
             out[f"{p}/active_experts"] = active[t]
+            out[f"{p}/max_active_experts"] = float(max_active[t])
             out[f"{p}/experts_used"] = float(used[t])
             out[f"{p}/entropy"] = ent[t]
             for k, v in self.stats[t].items():

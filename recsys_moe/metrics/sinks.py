@@ -131,17 +131,20 @@ def format_gate_table(
 ) -> str:
     """Per task: experts active per example, experts used, mixture entropy, top experts."""
     width = max([len("task"), *(len(n) for n in names)])
-    lines = [f"{'task':<{width}}  active/example  experts_used  entropy  top experts (mean weight)"]
+    lines = [
+        f"{'task':<{width}}  active/example  max active  experts_used  entropy  top experts (mean weight)"
+    ]
     for name in names:
         p = f"{prefix}gate/{name}"
         weights = sorted(
             ((v, k.rsplit("/", 1)[1]) for k, v in metrics.items() if k.startswith(f"{p}/weight/")),
             reverse=True,
         )
-        top = ", ".join(f"{e}:{v:.2f}" for v, e in weights[:4] if v > 0)
+        top = ", ".join(f"{e}:{v:.2f}" for v, e in weights[:4] if v >= 0.005)
         nan = float("nan")
         lines.append(
-            f"{name:<{width}}  {metrics.get(f'{p}/active_experts', nan):>14.2f}"
+            f"{name:<{width}}  {metrics.get(f'{p}/active_experts', nan):>14.3f}"
+            f"  {metrics.get(f'{p}/max_active_experts', nan):>10.0f}"
             f"  {metrics.get(f'{p}/experts_used', nan):>12.0f}"
             f"  {metrics.get(f'{p}/entropy', nan):>7.3f}  {top}"
         )

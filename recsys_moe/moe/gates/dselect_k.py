@@ -114,6 +114,12 @@ class DSelectKGate(Gate):
         if per_example:
             # rows [0, K*M): selector logits Z(x); rows [K*M, K*M + K): mixing logits alpha(x)
             self.proj = nn.Linear(in_dim, k * self.num_bits + k)
+            # u = Z / gamma + 1/2 folded into the map: scale and shift per output row
+            km = k * self.num_bits
+            scale = torch.cat([torch.full((km,), 1.0 / gamma), torch.ones(k)])
+            shift = torch.cat([torch.full((km,), 0.5), torch.zeros(k)])
+            self.register_buffer("fold_scale", scale, persistent=False)
+            self.register_buffer("fold_shift", shift, persistent=False)
         else:
             self.z = nn.Parameter(torch.empty(k, self.num_bits))
             self.alpha = nn.Parameter(torch.empty(k))
@@ -152,10 +158,8 @@ class DSelectKGate(Gate):
         if not self.per_example:
             return (self.z / self.gamma + 0.5).clamp(0.0, 1.0), self.alpha
         km = self.k * self.num_bits
-        w, b = self.proj.weight, self.proj.bias
-        scale = torch.cat([w.new_full((km,), 1.0 / self.gamma), w.new_ones(self.k)])
-        shift = torch.cat([w.new_full((km,), 0.5), w.new_zeros(self.k)])
-        out = F.linear(x_BD, w * scale[:, None], b * scale + shift)
+        w, b, scale = self.proj.weight, self.proj.bias, self.fold_scale
+        out = F.linear(x_BD, w * scale[:, None], b * scale + self.fold_shift)
         u = out[:, :km].reshape(-1, self.k, self.num_bits).clamp(0.0, 1.0)
         return u, out[:, km:]
 

@@ -32,6 +32,7 @@ def test_counts_and_means_over_batches():
     assert m["gate/a/active_experts"] == pytest.approx((1 + 2 + 1) / 3)
     assert m["gate/b/active_experts"] == pytest.approx(1.0)
     assert m["gate/a/experts_used"] == 2 and m["gate/b/experts_used"] == 1
+    assert m["gate/a/max_active_experts"] == 2 and m["gate/b/max_active_experts"] == 1
     assert m["gate/a/selected/0"] == pytest.approx(2 / 3) and m["gate/a/selected/2"] == 0.0
     assert m["gate/a/weight/1"] == pytest.approx(1.5 / 3)
     assert m["gate/a/entropy"] == pytest.approx(
