@@ -24,6 +24,25 @@ class Pooling(str, Enum):
     mean = "mean"
 
 
+class IdPolicy(str, Enum):
+    """What a sparse feature does with an id outside [0, num_embeddings)."""
+
+    error = "error"  # a bad row (handled by data.on_bad_rows)
+    hash = "hash"  # mapped into range by a fixed 64-bit mix, modulo num_embeddings
+
+
+class BadRows(str, Enum):
+    error = "error"  # stop with an error naming file, row group, column and row
+    skip = "skip"  # leave the row (or file) out and count it per reason in the metrics
+
+
+class EqualSteps(str, Enum):
+    """How every rank gets the same number of train steps per epoch."""
+
+    drop = "drop"  # each rank runs the global minimum of full batches; the rest is dropped
+    pad = "pad"  # each rank runs the global maximum; missing rows are zero-weight padding
+
+
 class GateType(str, Enum):
     softmax = "softmax"  # MMoE (Ma et al., KDD 2018): dense
 
@@ -41,6 +60,7 @@ class SparseFeature:
     column: Optional[str] = None  # Parquet column; defaults to name
     table: Optional[str] = None  # table name; features naming the same table share it
     pooling: Pooling = Pooling.sum  # how a multi-valued row's embeddings are pooled
+    id_policy: IdPolicy = IdPolicy.error  # ids outside [0, num_embeddings): error or hash
 
     @property
     def column_name(self) -> str:
@@ -67,10 +87,24 @@ class TaskSpec:
 
 
 @dataclass
+class ShuffleConfig:
+    """Train-split shuffling; eval is never shuffled. Deterministic for a seed and epoch."""
+
+    enabled: bool = True
+    seed: int = 0
+    # Rows of consecutive row groups gathered into one window that is permuted as a whole
+    # (bounded memory: about buffer_rows plus one row group per rank). 0: row groups are
+    # shuffled but rows within them keep their order.
+    buffer_rows: int = 65536
+
+
+@dataclass
 class DataConfig:
     """Where the data is and what its columns mean."""
 
-    path: str = MISSING  # root folder of the data set
+    # Root of the data set: a local folder or a pyarrow filesystem URI (file://, s3://, gs://,
+    # hdfs://, where the installed pyarrow supports it).
+    path: str = MISSING
     train: str = "train"  # train split: a folder, file or glob, relative to path
     eval: str = "eval"  # eval split, likewise
     batch_size: int = 512
@@ -78,6 +112,12 @@ class DataConfig:
     dense: list[str] = field(default_factory=list)  # float columns, in order
     sparse: list[SparseFeature] = field(default_factory=list)
     tasks: list[TaskSpec] = field(default_factory=list)
+    row_id: Optional[str] = None  # optional int64 column carried into Batch.row_ids (tracing)
+    on_bad_rows: BadRows = BadRows.error
+    equal_steps: EqualSteps = EqualSteps.drop
+    num_workers: int = 0  # DataLoader worker processes per rank decoding row groups
+    prefetch_factor: int = 2  # row groups each worker decodes ahead
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
 
 
 # ---------------------------------------------------------------------------------------------
