@@ -76,7 +76,9 @@ def tiny_train_config(tiny_data) -> TrainConfig:
 @pytest.fixture
 def movielens_100k() -> Path:
     if not (MOVIELENS_100K / "u.data").exists():
-        pytest.skip(f"MovieLens-100K not found at {MOVIELENS_100K} (research licence: not in the repo)")
+        pytest.skip(
+            f"MovieLens-100K not found at {MOVIELENS_100K} (research licence: not in the repo)"
+        )
     return MOVIELENS_100K
 
 

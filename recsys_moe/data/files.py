@@ -85,9 +85,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def open_parquet(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
-    if isinstance(fs, pafs.LocalFileSystem):
-        return pq.ParquetFile(path)  # lets pyarrow memory-map and read ahead itself
-    return pq.ParquetFile(fs.open_input_file(path))
+    """Opens a Parquet file, verifying page checksums where the writer stored them (Spark's
+    parquet-mr does by default), so corrupt pages fail loudly instead of decoding to garbage."""
+    source = path if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
+    return pq.ParquetFile(source, page_checksum_verification=True)
 
 
 def _hidden(relative: str) -> bool:

@@ -133,24 +133,34 @@ class SplitInput:
         self.fs, self.files = fs, scan.files
         self.all_units = scan.units
         self.total_rows = scan.total_rows
-        self.units = [self.all_units[i] for i in assign_units(self.all_units, world_size)[rank]]
+        assignment = assign_units(self.all_units, world_size)
+        self.units = [self.all_units[i] for i in assignment[rank]]
         self.rank_rows = sum(u.num_rows for u in self.units)
         self.decoder = UnitDecoder(cfg)
 
+        # Every rank knows every rank's rows (same footers, same assignment), so the step count
+        # needs no communication; the group only confirms that all ranks agree on it.
         B, W = self.batch_size, world_size
+        rows = [sum(self.all_units[i].num_rows for i in a) for a in assignment]
         if self.train and cfg.equal_steps == EqualSteps.drop:
-            self.steps = _all_reduce(self.rank_rows // B, dist.ReduceOp.MIN, group)
+            self.steps = min(rows) // B
             if self.steps == 0:
                 raise ValueError(
                     f"data.batch_size ({B}) is larger than what some rank reads of data.train "
-                    f"({self.rank_rows} rows on rank {rank} of {W}; {len(self.all_units)} row "
-                    "groups in all): lower it, write smaller row groups, or set "
-                    "data.equal_steps=pad"
+                    f"(rows per rank: {rows}; {len(self.all_units)} row groups in all): lower "
+                    "it, write smaller row groups, or set data.equal_steps=pad"
                 )
             self.dropped_rows = self.total_rows - self.steps * B * W
         else:
-            self.steps = _all_reduce(-(-self.rank_rows // B), dist.ReduceOp.MAX, group)
+            self.steps = max(-(-r // B) for r in rows)
             self.dropped_rows = 0
+        low = _all_reduce(self.steps, dist.ReduceOp.MIN, group)
+        high = _all_reduce(self.steps, dist.ReduceOp.MAX, group)
+        if low != high:
+            raise ValueError(
+                f"data.{split}: ranks disagree on the steps per epoch ({low} to {high}): they "
+                f"see different files under {cfg.path} (rank {rank} sees {len(self.files)})"
+            )
 
         # Counters (this rank; file-level ones on rank 0 only, so that sums over ranks are right).
         self.skipped = torch.zeros(len(REASONS), dtype=torch.int64)
