@@ -116,7 +116,7 @@ class DataConfig:
     on_bad_rows: BadRows = BadRows.error
     equal_steps: EqualSteps = EqualSteps.drop
     num_workers: int = 0  # DataLoader worker processes per rank decoding row groups
-    prefetch_factor: int = 2  # row groups each worker decodes ahead
+    prefetch_factor: int = 2  # shuffle windows (or row groups) each worker prepares ahead
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
 
 

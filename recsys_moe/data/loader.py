@@ -74,18 +74,30 @@ def assign_units(units: list[RowGroup], world_size: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
-class _UnitStream(IterableDataset):
-    """Decodes units in order; worker k of W decodes units k, k + W, ... (the DataLoader's
-    round robin over workers then restores the order)."""
+class _WindowStream(IterableDataset):
+    """Builds windows in order: worker k of W reads, validates, concatenates and permutes windows
+    k, k + W, ... (the DataLoader's round robin over workers then restores the order), so the
+    main process, which also runs the model, only cuts batches."""
 
-    def __init__(self, fs: pafs.FileSystem, units: list[RowGroup], decoder: UnitDecoder) -> None:
-        self.fs, self.units, self.decoder = fs, units, decoder
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        windows: list[tuple[int, list[RowGroup]]],
+        decoder: UnitDecoder,
+        seed: Optional[list[int]],
+    ) -> None:
+        self.fs, self.windows, self.decoder, self.seed = fs, windows, decoder, seed
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def __iter__(self) -> Iterator[tuple[int, Chunk]]:
         info = get_worker_info()
         k, W = (info.id, info.num_workers) if info is not None else (0, 1)
-        for unit in self.units[k::W]:
-            yield self.decoder.read(self.fs, unit)
+        for w, units in self.windows[k::W]:
+            parts = [self.decoder.read(self.fs, u) for u in units]
+            chunk = Chunk.cat(parts)
+            if self.seed is not None:
+                rng = np.random.default_rng([*self.seed, w])
+                chunk = chunk.take(torch.from_numpy(rng.permutation(chunk.num_rows)))
+            yield w, chunk
 
 
 def _identity(x: Any) -> Any:
@@ -198,39 +210,23 @@ class SplitInput:
             windows.append(current)
         return windows
 
-    def _permutation(self, epoch: int, window: int, n: int) -> Optional[torch.Tensor]:
-        if not self.buffer_rows:
-            return None
-        rng = np.random.default_rng([self.cfg.shuffle.seed, epoch, self.rank, 1, window])
-        return torch.from_numpy(rng.permutation(n))
-
     def _windows(self, epoch: int, start: int) -> Iterator[tuple[int, Chunk]]:
-        """(window index, its rows in epoch order) from window `start` on."""
-        windows = self.plan(epoch)[start:]
-        units = [u for w in windows for u in w]
-        stream = _UnitStream(self.fs, units, self.decoder)
-        chunks: Iterator[Chunk]
+        """(window index, its rows in epoch order) from window `start` on. The permutation of
+        window w is drawn from a generator seeded by (seed, epoch, rank, 1, w)."""
+        windows = list(enumerate(self.plan(epoch)))[start:]
+        seed = [self.cfg.shuffle.seed, epoch, self.rank, 1] if self.buffer_rows else None
+        stream = _WindowStream(self.fs, windows, self.decoder, seed)
         if self.num_workers == 0:
-            chunks = iter(stream)
-        else:
-            chunks = iter(
-                DataLoader(
-                    stream,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    prefetch_factor=self.cfg.prefetch_factor,
-                    collate_fn=_identity,
-                )
+            return iter(stream)
+        return iter(
+            DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=self.cfg.prefetch_factor,
+                collate_fn=_identity,
             )
-        for w, window in enumerate(windows, start=start):
-            parts = [next(chunks) for _ in window]
-            chunk = Chunk.cat(parts) if len(parts) > 1 else parts[0]
-            perm = self._permutation(epoch, w, chunk.num_rows)
-            if perm is not None:
-                chunk = chunk.take(perm)
-            chunk.skipped = sum(p.skipped for p in parts)  # type: ignore[assignment]
-            chunk.hashed = sum(p.hashed for p in parts)  # type: ignore[assignment]
-            yield w, chunk
+        )
 
     # -- batches -------------------------------------------------------------------------------
 

@@ -87,6 +87,9 @@ class Chunk:
         dense, labels, masks, weights, row_ids = rows
         return Chunk(dense, values, lengths, labels, masks, weights, row_ids, skipped, hashed)
 
+    # Window-sized copies (cat, take) run in numpy: single-threaded and memory-bound, they are
+    # several times faster than torch's thread pool when the trainer's threads share the cores.
+
     @staticmethod
     def cat(chunks: Sequence[Chunk]) -> Chunk:
         if len(chunks) == 1:
@@ -100,7 +103,7 @@ class Chunk:
             # the real rows then get masks True and weights 1.
             like = next(p for p in parts if p is not None)
             rows.append(
-                torch.cat(
+                _cat(
                     [
                         p
                         if p is not None
@@ -112,8 +115,8 @@ class Chunk:
         S = len(chunks[0].values)
         return Chunk._from_rows(
             rows,
-            [torch.cat([c.values[s] for c in chunks]) for s in range(S)],
-            [torch.cat([c.lengths[s] for c in chunks]) for s in range(S)],
+            [_cat([c.values[s] for c in chunks]) for s in range(S)],
+            [_cat([c.lengths[s] for c in chunks]) for s in range(S)],
             sum(c.skipped for c in chunks),
             sum(c.hashed for c in chunks),
         )
@@ -122,8 +125,8 @@ class Chunk:
         """Rows [start, stop) as views (no copy)."""
         rows = [None if t is None else t[start:stop] for t in self._rows()]
         if self._offsets is None:  # once per chunk: a window is sliced into many batches
-            self._offsets = [_offsets(n) for n in self.lengths]
-        values = [v[int(o[start]) : int(o[stop])] for v, o in zip(self.values, self._offsets)]
+            self._offsets = [_offsets(n.numpy()) for n in self.lengths]
+        values = [v[o[start] : o[stop]] for v, o in zip(self.values, self._offsets)]
         return Chunk._from_rows(
             rows,
             values,
@@ -134,19 +137,21 @@ class Chunk:
 
     def take(self, order: torch.Tensor) -> Chunk:
         """Rows in the given order (a permutation or subset of row indices), copied."""
-        rows = [None if t is None else t.index_select(0, order) for t in self._rows()]
+        o = order.numpy()
+        rows = [None if t is None else torch.from_numpy(t.numpy()[o]) for t in self._rows()]
         values, lengths = [], []
         for v, n in zip(self.values, self.lengths):
-            new_n = n.index_select(0, order)
-            starts = (torch.cumsum(n, 0, dtype=torch.int64) - n).index_select(0, order)
-            total = int(new_n.sum())
-            # value i of the output belongs to output row r(i) and is at starts[r] + (i - out_start[r])
-            shift = starts - (torch.cumsum(new_n, 0, dtype=torch.int64) - new_n)
-            idx = torch.arange(total, dtype=torch.int64) + torch.repeat_interleave(
-                shift, new_n, output_size=total
-            )
-            values.append(v.index_select(0, idx))
-            lengths.append(new_n)
+            vn, nn = v.numpy(), n.numpy()
+            new_n = nn[o]
+            if len(vn) == len(nn) and (nn == 1).all():  # single-valued: ids move with rows
+                values.append(torch.from_numpy(vn[o]))
+            else:
+                starts = _offsets(nn)[:-1][o]
+                ends = np.cumsum(new_n, dtype=np.int64)
+                # output value i of output row r sits at starts[r] + (i - (ends[r] - new_n[r]))
+                shift = np.repeat(starts - (ends - new_n), new_n)
+                values.append(torch.from_numpy(vn[np.arange(len(shift)) + shift]))
+            lengths.append(torch.from_numpy(new_n))
         return Chunk._from_rows(rows, values, lengths, self.skipped, self.hashed)
 
     def pin_memory(self) -> Chunk:
@@ -177,10 +182,14 @@ class Chunk:
         )
 
 
-def _offsets(lengths: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=out[1:])
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
     return out
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([p.numpy() for p in parts]))
 
 
 class UnitDecoder:
