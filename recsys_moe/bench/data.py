@@ -8,7 +8,8 @@ size and columns:
 - raw: ParquetFile.iter_batches over the columns, decoded to Arrow only, single-threaded
   (one worker's worth of CPU) and with pyarrow's thread pool;
 - loader: SplitInput producing training Batches (validated, shuffled, KeyedJaggedTensors) with
-  data.num_workers = 0, 1 and 2, and with shuffling off.
+  data.num_workers = 0, 1 and 2 (worker threads, the default data.worker_type), with 1 and 2
+  DataLoader worker processes, and with shuffling off (1 worker).
 Each is run --repeats times; the JSON holds the median rows/s of each and "ratios", among them
 loader_vs_raw_decode = loader (1 worker) / raw (single-threaded); the goal is >= 0.8.
 """
@@ -26,7 +27,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from recsys_moe.config.schema import DataConfig, ShuffleConfig, SparseFeature, TaskSpec, TaskType
+from recsys_moe.config.schema import (
+    DataConfig,
+    ShuffleConfig,
+    SparseFeature,
+    TaskSpec,
+    TaskType,
+    WorkerType,
+)
 from recsys_moe.data.loader import SplitInput
 from recsys_moe.data.synthetic import SyntheticSpec, generate
 
@@ -109,6 +117,13 @@ def run(rows: int, batch_size: int, repeats: int, row_group_size: int) -> dict:
             results[f"loader_{w}_workers"] = measure(
                 lambda w=w: loader_rows(replace(cfg, num_workers=w)), repeats
             )
+        for w in (1, 2):
+            results[f"loader_{w}_process_workers"] = measure(
+                lambda w=w: loader_rows(
+                    replace(cfg, num_workers=w, worker_type=WorkerType.process)
+                ),
+                repeats,
+            )
         results["loader_1_worker_no_shuffle"] = measure(
             lambda: loader_rows(replace(cfg, num_workers=1, shuffle=ShuffleConfig(enabled=False))),
             repeats,
@@ -122,6 +137,8 @@ def run(rows: int, batch_size: int, repeats: int, row_group_size: int) -> dict:
         "loader_vs_raw_decode": rate("loader_1_workers") / raw,
         "loader_0_workers_vs_raw_decode": rate("loader_0_workers") / raw,
         "loader_2_workers_vs_raw_decode": rate("loader_2_workers") / raw,
+        "loader_1_process_worker_vs_raw_decode": rate("loader_1_process_workers") / raw,
+        "loader_2_process_workers_vs_raw_decode": rate("loader_2_process_workers") / raw,
         "loader_no_shuffle_vs_raw_decode": rate("loader_1_worker_no_shuffle") / raw,
         "raw_threads_vs_raw_1_thread": rate("raw_decode_threads") / raw,
     }
@@ -155,7 +172,7 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="JSON report")
-    p.add_argument("--rows", type=int, default=500_000)
+    p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--row-group-size", type=int, default=65536)
     p.add_argument("--repeats", type=int, default=3)

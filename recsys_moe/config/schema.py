@@ -43,6 +43,13 @@ class EqualSteps(str, Enum):
     pad = "pad"  # each rank runs the global maximum; missing rows are zero-weight padding
 
 
+class WorkerType(str, Enum):
+    """What data.num_workers counts."""
+
+    thread = "thread"  # threads of the training process (no copies between processes)
+    process = "process"  # torch DataLoader worker processes (windows sent through shared memory)
+
+
 class GateType(str, Enum):
     softmax = "softmax"  # MMoE (Ma et al., KDD 2018): dense
 
@@ -115,7 +122,8 @@ class DataConfig:
     row_id: Optional[str] = None  # optional int64 column carried into Batch.row_ids (tracing)
     on_bad_rows: BadRows = BadRows.error
     equal_steps: EqualSteps = EqualSteps.drop
-    num_workers: int = 0  # DataLoader worker processes per rank decoding row groups
+    num_workers: int = 0  # workers per rank building shuffle windows (0: in the training loop)
+    worker_type: WorkerType = WorkerType.thread
     prefetch_factor: int = 2  # shuffle windows (or row groups) each worker prepares ahead
     shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
 

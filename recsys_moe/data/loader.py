@@ -32,8 +32,12 @@ Work units are row groups. Policies (see also conf/data/*.yaml and DataConfig):
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
+import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -42,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from recsys_moe.config.schema import DataConfig, EqualSteps
+from recsys_moe.config.schema import DataConfig, EqualSteps, WorkerType
 from recsys_moe.data.batch import Batch
 from recsys_moe.data.files import FILE_REASONS, REASONS, RowGroup, resolve_split, scan_split
 from recsys_moe.data.parquet import Chunk, UnitDecoder
@@ -88,16 +92,47 @@ class _WindowStream(IterableDataset):
     ) -> None:
         self.fs, self.windows, self.decoder, self.seed = fs, windows, decoder, seed
 
+    def build(self, w: int, units: list[RowGroup], decoder: UnitDecoder) -> Chunk:
+        chunk = Chunk.cat([decoder.read(self.fs, u) for u in units])
+        if self.seed is not None:
+            rng = np.random.default_rng([*self.seed, w])
+            chunk = chunk.take(torch.from_numpy(rng.permutation(chunk.num_rows)))
+        return chunk
+
     def __iter__(self) -> Iterator[tuple[int, Chunk]]:
         info = get_worker_info()
         k, W = (info.id, info.num_workers) if info is not None else (0, 1)
         for w, units in self.windows[k::W]:
-            parts = [self.decoder.read(self.fs, u) for u in units]
-            chunk = Chunk.cat(parts)
-            if self.seed is not None:
-                rng = np.random.default_rng([*self.seed, w])
-                chunk = chunk.take(torch.from_numpy(rng.permutation(chunk.num_rows)))
-            yield w, chunk
+            yield w, self.build(w, units, self.decoder)
+
+    def threaded(self, num_threads: int, ahead: int) -> Iterator[tuple[int, Chunk]]:
+        """The same windows built by a pool of threads, at most `ahead` in flight, in order.
+
+        pyarrow decoding, numpy copies and FBGEMM kernels release the GIL, so threads overlap
+        with each other and with the model, without the processes' copy through shared memory.
+        """
+        local = threading.local()
+
+        def build(w: int, units: list[RowGroup]) -> Chunk:
+            if not hasattr(local, "decoder"):  # a decoder keeps a file open: one per thread
+                local.decoder = UnitDecoder(self.decoder.cfg)
+            return self.build(w, units, local.decoder)
+
+        pool = ThreadPoolExecutor(num_threads, thread_name_prefix="recsys_moe-data")
+        pending: deque = deque()
+        todo = iter(self.windows)
+        try:
+            for w, units in itertools.islice(todo, ahead):
+                pending.append((w, pool.submit(build, w, units)))
+            while pending:
+                w, future = pending.popleft()
+                chunk = future.result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt[0], pool.submit(build, *nxt)))
+                yield w, chunk
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _identity(x: Any) -> Any:
@@ -218,6 +253,8 @@ class SplitInput:
         stream = _WindowStream(self.fs, windows, self.decoder, seed)
         if self.num_workers == 0:
             return iter(stream)
+        if self.cfg.worker_type == WorkerType.thread:
+            return stream.threaded(self.num_workers, self.num_workers * self.cfg.prefetch_factor)
         return iter(
             DataLoader(
                 stream,

@@ -138,20 +138,21 @@ class Chunk:
     def take(self, order: torch.Tensor) -> Chunk:
         """Rows in the given order (a permutation or subset of row indices), copied."""
         o = order.numpy()
-        rows = [None if t is None else torch.from_numpy(t.numpy()[o]) for t in self._rows()]
+        rows = [
+            None if t is None else torch.from_numpy(np.take(t.numpy(), o, axis=0))
+            for t in self._rows()
+        ]
         values, lengths = [], []
         for v, n in zip(self.values, self.lengths):
-            vn, nn = v.numpy(), n.numpy()
-            new_n = nn[o]
-            if len(vn) == len(nn) and (nn == 1).all():  # single-valued: ids move with rows
-                values.append(torch.from_numpy(vn[o]))
+            if len(v) == len(n) and bool(
+                (n.numpy() == 1).all()
+            ):  # single-valued: ids move with rows
+                values.append(torch.from_numpy(np.take(v.numpy(), o)))
+                lengths.append(n[: len(o)])
             else:
-                starts = _offsets(nn)[:-1][o]
-                ends = np.cumsum(new_n, dtype=np.int64)
-                # output value i of output row r sits at starts[r] + (i - (ends[r] - new_n[r]))
-                shift = np.repeat(starts - (ends - new_n), new_n)
-                values.append(torch.from_numpy(vn[np.arange(len(shift)) + shift]))
-            lengths.append(torch.from_numpy(new_n))
+                new_n, new_v = _permute_jagged(order, n, v)
+                values.append(new_v)
+                lengths.append(new_n)
         return Chunk._from_rows(rows, values, lengths, self.skipped, self.hashed)
 
     def pin_memory(self) -> Chunk:
@@ -186,6 +187,31 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
     return out
+
+
+def _permute_jagged(
+    order: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths, values) of a jagged column with its rows taken in `order`."""
+    if hasattr(torch.ops.fbgemm, "permute_1D_sparse_data"):  # FBGEMM's kernel: ~3x numpy
+        new_n, new_v, _ = torch.ops.fbgemm.permute_1D_sparse_data(
+            order.to(torch.int32), lengths, values, None, None
+        )
+        return new_n, new_v
+    return permute_jagged_numpy(order, lengths, values)
+
+
+def permute_jagged_numpy(
+    order: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_permute_jagged` without FBGEMM."""
+    o, n = order.numpy(), lengths.numpy()
+    new_n = n[o]
+    starts = _offsets(n)[:-1][o]
+    ends = np.cumsum(new_n, dtype=np.int64)
+    # output value i of output row r sits at starts[r] + (i - (ends[r] - new_n[r]))
+    shift = np.repeat(starts - (ends - new_n), new_n)
+    return torch.from_numpy(new_n), torch.from_numpy(values.numpy()[np.arange(len(shift)) + shift])
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -259,3 +259,17 @@ def test_everything_bad_under_skip_still_runs_equal_steps(root):
     _write(root / "train" / "b.parquet", cols)
     ids, metrics = _run(root, on_bad_rows="skip")
     assert ids == [0, 1, 2, 3] and metrics["data/skipped_rows/nonfinite_dense"] == 4
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_errors_and_counts_come_back_from_workers(root, kind):
+    _bad_file(root, x=math.nan)
+    raw = _config(root)
+    raw.num_workers, raw.worker_type = 2, kind
+    with pytest.raises(DataError, match=r"b.parquet: row group 0: row 2: column 'x'"):
+        list(SplitInput(raw, "train").batches())
+    raw.on_bad_rows = "skip"
+    inp = SplitInput(raw, "train")
+    ids = sorted(i for b, _ in inp.batches() for i in b.row_ids.tolist() if i >= 0)
+    assert ids == [0, 1, 2, 3, 10, 11, 13]
+    assert inp.metrics()["data/skipped_rows/nonfinite_dense"] == 1

@@ -62,12 +62,34 @@ def test_units_are_balanced_by_rows_not_files():
     assert sorted(i for a in parts for i in a) == list(range(12))  # a partition
 
 
-def test_worker_count_does_not_change_the_rows_or_their_order(tiny_data):
+def test_worker_count_and_type_do_not_change_the_rows_or_their_order(tiny_data):
     seqs = []
-    for workers in (0, 1, 2):
-        cfg = data_config(tiny_data, batch_size=50, num_workers=workers)
+    for workers, kind in (
+        (0, "thread"),
+        (1, "thread"),
+        (2, "thread"),
+        (1, "process"),
+        (2, "process"),
+    ):
+        cfg = data_config(
+            tiny_data,
+            batch_size=50,
+            num_workers=workers,
+            worker_type=kind,
+            shuffle={"buffer_rows": 500},
+        )
         seqs.append(_epoch_ids(SplitInput(cfg, "train", 1, 2)))
-    assert seqs[0] == seqs[1] == seqs[2]
+    assert all(s == seqs[0] for s in seqs[1:])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_row_exactly_once_with_worker_processes(tiny_data, world_size):
+    cfg = data_config(
+        tiny_data, batch_size=64, num_workers=2, worker_type="process", equal_steps="pad"
+    )
+    ranks = [SplitInput(cfg, "train", r, world_size) for r in range(world_size)]
+    ids = [i for r in ranks for i in _flat(_epoch_ids(r)) if i >= 0]
+    assert sorted(ids) == list(range(3000))
 
 
 def test_shuffle_is_seeded_per_epoch_and_mixes_row_groups(tiny_data):
@@ -109,7 +131,9 @@ def test_eval_pads_with_unreal_masked_batches_on_short_ranks(tiny_data):
 
 
 def _resume_case(tiny_data, workers, world_size, rank, stop_epoch, stop_batch, **over):
-    cfg = data_config(tiny_data, batch_size=64, num_workers=workers, **over)
+    kind = "process" if str(workers).endswith("p") else "thread"
+    workers = int(str(workers).rstrip("p"))
+    cfg = data_config(tiny_data, batch_size=64, num_workers=workers, worker_type=kind, **over)
     full = SplitInput(cfg, "train", rank, world_size)
     expected = [_epoch_ids(full) for _ in range(3)]
     stop_batch = full.steps if stop_batch < 0 else stop_batch
@@ -137,7 +161,8 @@ def _resume_case(tiny_data, workers, world_size, rank, stop_epoch, stop_batch, *
     [
         (0, 1, 0, 0, 1),
         (0, 1, 0, 1, 17),  # second epoch, mid-window
-        (2, 2, 1, 0, 9),  # with workers, another rank
+        (2, 2, 1, 0, 9),  # with worker threads, another rank
+        ("2p", 2, 0, 1, 5),  # with worker processes
         (1, 3, 2, 1, 0),  # at an epoch boundary
         (0, 2, 0, 0, -1),  # after the epoch's last batch: the resumed epoch has nothing left
     ],
@@ -207,3 +232,14 @@ def test_config_values_are_checked_naming_the_key(tiny_data):
         SplitInput(data_config(tiny_data, shuffle={"buffer_rows": -5}), "train")
     with pytest.raises(ValueError, match="data.equal_steps=pad"):
         SplitInput(data_config(tiny_data, batch_size=2000), "train", 0, 2)
+
+
+def test_jagged_permutation_with_and_without_fbgemm():
+    from recsys_moe.data.parquet import _permute_jagged, permute_jagged_numpy
+
+    lengths = torch.tensor([2, 0, 3, 1], dtype=torch.int32)
+    values = torch.tensor([10, 11, 30, 31, 32, 40])
+    order = torch.tensor([2, 0, 3, 1])
+    for fn in (_permute_jagged, permute_jagged_numpy):
+        n, v = fn(order, lengths, values)
+        assert n.tolist() == [3, 2, 1, 0] and v.tolist() == [30, 31, 32, 10, 11, 40]
