@@ -162,7 +162,7 @@ def table(report: dict) -> str:
         lines.append(f"{k:<28} {v['rows_per_sec']:>16,.0f}")
     lines.append("")
     for k, v in report["ratios"].items():
-        lines.append(f"{k:<36} {v:>6.2f}")
+        lines.append(f"{k:<40} {v:>6.2f}")
     lines.append(
         f"goal loader_vs_raw_decode >= {GOAL}: {'met' if report['meets_goal'] else 'MISSED'}"
     )

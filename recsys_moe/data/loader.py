@@ -6,13 +6,17 @@ Work units are row groups. Policies (see also conf/data/*.yaml and DataConfig):
   longest-processing-time balancing on row counts (not on files): ranks differ by at most one
   row group's rows whatever the file sizes. Every rank reads every footer and computes the same
   assignment, so nothing is communicated but the step count.
-- Workers. A rank's units are read in its epoch order; with data.num_workers = W, unit k of that
-  order is decoded by worker k mod W, and the DataLoader hands decoded units back in the same
-  order (round robin), so the rows a rank sees do not depend on W. Workers keep no state.
+- Workers. A rank reads its units in epoch order, grouped into windows (below). With
+  data.num_workers = W, window k is built (read, validated, concatenated, permuted) by worker
+  k mod W and windows are handed back in order, so the rows a rank sees depend neither on W nor
+  on data.worker_type: `thread` (default; pyarrow, numpy and FBGEMM release the GIL, and no
+  copy between processes is needed) or `process` (torch DataLoader workers; windows travel
+  through shared memory). Workers keep no state; the main process only cuts batches.
 - Shuffle (train only; data.shuffle). Each epoch a rank permutes its units with a generator
   seeded by (seed, epoch, rank). Consecutive units are gathered into windows of at least
   buffer_rows rows, and every window's rows are permuted with a generator seeded by
-  (seed, epoch, rank, window). Memory: one window plus the units the workers read ahead.
+  (seed, epoch, rank, window). Memory: the window being cut into batches plus the
+  num_workers x prefetch_factor windows built ahead.
 - Equal steps (train; data.equal_steps). `drop`: every rank runs the global minimum of its full
   batches; the rest of each rank's epoch stream (the tail of its shuffled rows, different rows
   every epoch) is dropped and counted (dropped_rows, from footers). `pad`: every rank runs the
