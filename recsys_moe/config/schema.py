@@ -100,14 +100,14 @@ class ShuffleConfig:
     enabled: bool = True
     seed: int = 0
     # Rows of consecutive row groups gathered into one window that is permuted as a whole
-    # (bounded memory: about buffer_rows plus one row group per rank). 0: row groups are
-    # shuffled but rows within them keep their order.
+    # (memory per rank: about (1 + num_workers x prefetch_factor) windows of buffer_rows plus a
+    # row group). 0: row groups are shuffled but rows within them keep their order.
     buffer_rows: int = 65536
 
 
 @dataclass
 class DataConfig:
-    """Where the data is and what its columns mean."""
+    """Where the data is, what its columns mean, and how it is read (policies: data/loader.py)."""
 
     # Root of the data set: a local folder or a pyarrow filesystem URI (file://, s3://, gs://,
     # hdfs://, where the installed pyarrow supports it).
@@ -120,8 +120,8 @@ class DataConfig:
     sparse: list[SparseFeature] = field(default_factory=list)
     tasks: list[TaskSpec] = field(default_factory=list)
     row_id: Optional[str] = None  # optional int64 column carried into Batch.row_ids (tracing)
-    on_bad_rows: BadRows = BadRows.error
-    equal_steps: EqualSteps = EqualSteps.drop
+    on_bad_rows: BadRows = BadRows.error  # skip: counted per reason as data/skipped_rows/...
+    equal_steps: EqualSteps = EqualSteps.drop  # train steps per epoch, equal on every rank
     num_workers: int = 0  # workers per rank building shuffle windows (0: in the training loop)
     worker_type: WorkerType = WorkerType.thread
     prefetch_factor: int = 2  # shuffle windows (or row groups) each worker prepares ahead
