@@ -6,7 +6,7 @@ import json
 
 from conftest import CONF
 from hydra import compose, initialize_config_dir
-from unit.data.test_movielens import _write_100k
+from movielens_fixtures import write_100k
 
 from recsys_moe.config.store import register, to_typed
 from recsys_moe.data.movielens import convert
@@ -15,7 +15,7 @@ from recsys_moe.trainer import Trainer
 
 def test_train_a_few_steps_on_movielens(tmp_path):
     data = tmp_path / "ml"
-    convert(_write_100k(tmp_path / "src"), data, val_fraction=0.25, test_fraction=0.25)
+    convert(write_100k(tmp_path / "src"), data, val_fraction=0.25, test_fraction=0.25)
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(

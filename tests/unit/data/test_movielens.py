@@ -9,52 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from movielens_fixtures import FLAGS, RATINGS, write_1m, write_100k
 
 from recsys_moe.data.movielens import TABLE_SIZES, convert, main
-
-FLAGS = {  # movie -> its 19 genre flags of u.item
-    1: [3, 4, 5],  # Animation, Children's, Comedy
-    2: [1, 2, 16],  # Action, Adventure, Thriller
-    3: [0],  # unknown
-    4: [8],  # Drama
-}
-RATINGS = [(1, 1, 5), (1, 2, 3), (2, 1, 4), (2, 2, 2), (2, 3, 1), (3, 4, 3), (3, 3, 2)]
-
-
-def _write_100k(d: Path) -> Path:
-    d.mkdir()
-    items = []
-    for m, title, date in [
-        (1, "Toy Story (1995)", "01-Jan-1995"),
-        (2, "GoldenEye (1995)", "01-Jan-1995"),
-        (3, "Caf\xe9 without a date", ""),
-        (4, "Old (1922)", "01-Jan-1922"),
-    ]:
-        flags = ["1" if g in FLAGS[m] else "0" for g in range(19)]
-        items.append("|".join([str(m), title, date, "", "http://x"] + flags))
-    (d / "u.item").write_text("\n".join(items) + "\n", encoding="latin-1")
-    (d / "u.user").write_text(
-        "1|24|M|technician|85711\n2|53|F|other|T8H1N\n3|17|M|writer|01002\n", encoding="latin-1"
-    )
-    (d / "u.data").write_text("".join(f"{u}\t{m}\t{r}\t88125{u}{m}\n" for u, m, r in RATINGS))
-    return d
-
-
-def _write_1m(d: Path) -> Path:
-    d.mkdir()
-    (d / "movies.dat").write_text(
-        "1::Toy Story (1995)::Animation|Children's|Comedy\n"
-        "2::GoldenEye (1995)::Action|Adventure|Thriller\n"
-        "3::Caf\xe9 without a year::Drama\n"
-        "4::Old (1922)::Drama\n",
-        encoding="latin-1",
-    )
-    (d / "users.dat").write_text(
-        "1::M::18::19::85711\n2::F::50::13::T8H1N\n3::M::1::20::01002\n", encoding="latin-1"
-    )
-    (d / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::97830{u}{m}\n" for u, m, r in RATINGS))
-    return d
-
 
 # Hand-computed. Users: 1 = 24 y/o (bucket 1 = 18-24), M, technician (20th of u.occupation ->
 # id 20), zip 857.. (-> 858); 2 = 53 (bucket 5 = 50-55), F, other (14th -> 14), Canadian zip
@@ -103,7 +60,7 @@ def _read(out: Path) -> dict[str, list[dict]]:
 
 @pytest.mark.parametrize("fmt,genres_of_3", [("100k", [0]), ("1m", [8])])
 def test_conversion_matches_hand_computed_rows(tmp_path, fmt, genres_of_3):
-    src = (_write_100k if fmt == "100k" else _write_1m)(tmp_path / fmt)
+    src = (write_100k if fmt == "100k" else write_1m)(tmp_path / fmt)
     out = tmp_path / "out"
     rows = convert(src, out, seed=3, val_fraction=0.25, test_fraction=0.25, files=2)
     assert rows == {"train": 6, "validation": 3, "test": 3}
@@ -119,13 +76,13 @@ def test_conversion_matches_hand_computed_rows(tmp_path, fmt, genres_of_3):
 
 
 def test_split_and_negatives_are_seeded(tmp_path):
-    src = _write_100k(tmp_path / "src")
-    a, b, c = (
-        convert(src, tmp_path / n, seed=s) and _read(tmp_path / n)
-        for n, s in [("a", 1), ("b", 1), ("c", 2)]
-    )
-    assert a == b
-    assert a != c
+    src = write_100k(tmp_path / "src")
+    out = {}
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        convert(src, tmp_path / name, seed=seed)
+        out[name] = _read(tmp_path / name)
+    assert out["a"] == out["b"]
+    assert out["a"] != out["c"]
 
 
 def test_cli_rejects_a_folder_without_movielens_files(tmp_path, capsys):
