@@ -7,6 +7,7 @@ trains, evaluates and writes metrics.jsonl, summary.json and config.yaml to the 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -14,9 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_moe.config.store import register, to_typed
-from recsys_moe.trainer import Trainer  # imported before Hydra sets up logging: FBGEMM logs its
 
-# library loads to the root logger at import, which would otherwise flood the console.
+# Imported before Hydra sets up logging: FBGEMM logs each library it loads to the root logger at
+# import time, which would otherwise flood the console.
+from recsys_moe.trainer import Trainer
+
+# torch warns once per process that TorchRec's is_fx_tracing() is ambiguous; nothing to act on.
+logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 register()
 log = logging.getLogger("recsys_moe")
@@ -24,6 +29,8 @@ log = logging.getLogger("recsys_moe")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    if int(os.environ.get("RANK", "0")) > 0:
+        logging.getLogger("recsys_moe").setLevel(logging.WARNING)  # rank 0 speaks for the job
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     typed = to_typed(cfg)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

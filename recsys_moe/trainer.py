@@ -19,7 +19,14 @@ from recsys_moe.config.schema import DenseOptimConfig, TrainConfig
 from recsys_moe.data.loader import SplitInput
 from recsys_moe.distributed.env import close_distributed, init_distributed
 from recsys_moe.distributed.sharding import dense_parameters, shard_model
-from recsys_moe.metrics.sinks import JsonlSink, MetricSink, WandbSink, format_task_table
+from recsys_moe.metrics.gates import GateTelemetry, save_heatmap
+from recsys_moe.metrics.sinks import (
+    JsonlSink,
+    MetricSink,
+    WandbSink,
+    format_gate_table,
+    format_task_table,
+)
 from recsys_moe.metrics.tasks import LabelMeans, TaskMetrics
 from recsys_moe.models.ranker import MultiTaskRanker
 
@@ -106,6 +113,8 @@ class Trainer:
         T = len(self.task_names)
         self.label_means = LabelMeans(T, self.device)
         self.eval_metrics = TaskMetrics(self.task_names, self.task_types, self.loss_weights)
+        self.train_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
+        self.eval_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
         self.sinks: list[MetricSink] = []
         if env.is_main:
             self.sinks.append(JsonlSink(self.run_dir))
@@ -172,6 +181,7 @@ class Trainer:
                 self.step += 1
 
                 self.label_means.update(batch.labels, batch.masks, batch.weights)
+                self.train_gates.update(out.gates, out.moe_stats)
                 parts = torch.cat([out.task_losses.detach(), out.aux_loss.detach().reshape(1)])
                 first_bad = torch.where(
                     (first_bad < 0) & ~torch.isfinite(parts), self.step, first_bad
@@ -198,6 +208,8 @@ class Trainer:
                     }
                     for t, name in enumerate(self.task_names):
                         metrics[f"train/{name}/loss"] = (acc_tasks[t] / acc_n).item()
+                    metrics.update(self.train_gates.compute())
+                    self.train_gates.reset()
                     metrics.update(self.train_data.metrics(env.group))  # skipped rows per reason
                     self._log(metrics, self.step)
                     bar.set_postfix(
@@ -248,24 +260,35 @@ class Trainer:
         """Exact metrics over every eval row (all ranks). Logged and returned as eval/... keys."""
         self.model.eval()
         self.eval_metrics.reset()
+        self.eval_gates.reset()
         for batch, real in self.eval_data.batches():
             batch = batch.to(self.device, non_blocking=True)
             _, out = self.model(batch)
             if real:
                 self.eval_metrics.update(out.raw, batch.labels, batch.masks, batch.weights)
+                self.eval_gates.update(out.gates, out.moe_stats)
         self.eval_metrics.gather(self.env.group)
+        self.eval_gates.reduce(self.env.group)
         metrics = {
             f"eval/{k}": v for k, v in self.eval_metrics.compute(self.label_means.means()).items()
         }
+        metrics.update({f"eval/{k}": v for k, v in self.eval_gates.compute().items()})
         for k, v in self.eval_data.metrics(self.env.group).items():
             metrics["data/eval/" + k.removeprefix("data/")] = v
         self._log(metrics, self.step)
-        if self.cfg.logger.console and self.env.is_main:
-            log.info(
-                "eval at step %d\n%s",
-                self.step,
-                format_task_table(metrics, self.task_names, self.task_types),
+        if self.env.is_main:
+            path = save_heatmap(
+                self.eval_gates.mean_weights(),
+                self.task_names,
+                self.run_dir / "gates" / f"heatmap_step{self.step:07d}.png",
+                f"mean gate weight per task and expert (eval, step {self.step})",
             )
+            for sink in self.sinks:
+                sink.log_image("eval/gate_heatmap", path, self.step)
+        if self.cfg.logger.console and self.env.is_main:
+            tasks = format_task_table(metrics, self.task_names, self.task_types)
+            gates = format_gate_table(metrics, self.task_names)
+            log.info("eval at step %d\n%s\n%s", self.step, tasks, gates)
         return metrics
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 from recsys_moe.config.schema import (
     DataConfig,
+    ExpertCompute,
     GateConfig,
     GateType,
     LoggerConfig,
@@ -15,6 +16,7 @@ from recsys_moe.config.schema import (
 
 __all__ = [
     "DataConfig",
+    "ExpertCompute",
     "GateConfig",
     "GateType",
     "LoggerConfig",

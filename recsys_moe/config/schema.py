@@ -52,6 +52,14 @@ class WorkerType(str, Enum):
 
 class GateType(str, Enum):
     softmax = "softmax"  # MMoE (Ma et al., KDD 2018): dense
+    topk = "topk"  # Shazeer et al. 2017: the k largest logits, softmax over them
+    dselect_k = "dselect_k"  # Hazimeh et al., NeurIPS 2021: differentiable k-sparse selection
+
+
+class ExpertCompute(str, Enum):
+    dense = "dense"  # every expert on every example
+    sparse = "sparse"  # each expert only on the examples some task gives it nonzero weight
+    auto = "auto"  # sparse when the active (example, expert) fraction is small enough
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +145,13 @@ class GateConfig:
     type: GateType = GateType.softmax
     # per-example: weights are a function of the MoE input; static: one learned weight vector per task
     per_example: bool = True
+    k: int = 2  # topk / dselect_k: the most experts one gate may select
+    gamma: float = 1.0  # dselect_k: width of the smooth-step window
+    entropy_reg: float = 0.0  # dselect_k: lambda of the selectors' entropy regulariser (batch mean)
+    entropy_warmup_steps: int = 0  # dselect_k: lambda ramps linearly from 0 over these steps
+    noise: bool = (
+        False  # topk: Shazeer et al.'s trainable Gaussian noise on the logits (training only)
+    )
 
 
 @dataclass
@@ -151,6 +166,9 @@ class ModelConfig:
     tower: list[int] = field(default_factory=lambda: [64])  # per-task tower hidden widths
     dropout: float = 0.0  # in experts and towers
     gate: GateConfig = field(default_factory=GateConfig)
+    expert_compute: ExpertCompute = ExpertCompute.auto
+    # auto: run sparse when at most this fraction of the (example, expert) pairs is active
+    sparse_max_active_fraction: float = 0.5
     loss_weights: dict[str, float] = field(default_factory=dict)  # task name -> weight (default 1)
 
 

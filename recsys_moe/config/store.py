@@ -17,6 +17,9 @@ def register() -> None:
 
 def to_typed(cfg: DictConfig) -> TrainConfig:
     """The composed config as plain dataclasses (enums resolved, interpolations expanded)."""
-    obj = OmegaConf.to_object(cfg)
+    # Re-merge onto the schema: keys forced in with `+key=value` bypass Hydra's struct check
+    # and would otherwise be dropped silently. Merging plain containers re-checks every key.
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), plain))
     assert isinstance(obj, TrainConfig), type(obj)
     return obj

@@ -95,7 +95,12 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/") if part)
 
 
-def resolve_split(root: str, split: str, key: str) -> tuple[pafs.FileSystem, list[str]]:
+def resolve_split(root: str, split: str, key: str) -> list[str]:
+    """The sorted Parquet files of one split (paths inside its filesystem; see locate_split)."""
+    return locate_split(root, split, key)[1]
+
+
+def locate_split(root: str, split: str, key: str) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and sorted Parquet files of one split.
 
     `split` is a folder, a file or a glob, relative to `root` unless absolute (or a URI). `key`

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recsys_moe.config.schema import DataConfig, EqualSteps, WorkerType
 from recsys_moe.data.batch import Batch
-from recsys_moe.data.files import FILE_REASONS, REASONS, RowGroup, resolve_split, scan_split
+from recsys_moe.data.files import FILE_REASONS, REASONS, RowGroup, locate_split, scan_split
 from recsys_moe.data.parquet import Chunk, UnitDecoder
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class SplitInput:
         self.shuffle = self.train and cfg.shuffle.enabled
         self.buffer_rows = cfg.shuffle.buffer_rows if self.shuffle else 0
 
-        fs, files = resolve_split(cfg.path, getattr(cfg, split), f"data.{split}")
+        fs, files = locate_split(cfg.path, getattr(cfg, split), f"data.{split}")
         scan = scan_split(fs, files, cfg, f"data.{split}")
         self.fs, self.files = fs, scan.files
         self.all_units = scan.units

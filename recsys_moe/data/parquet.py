@@ -60,7 +60,7 @@ class Chunk:
     """Decoded rows: the columns of `data` as tensors (one work unit, a window or a batch).
 
     dense [n, F] float32; values[s] int64 ids and lengths[s] [n] int32 of sparse feature s;
-    labels [n, T] float32 (0 where masked); masks/weights [n, T] or None; row_ids [n] or None.
+    labels [n, T] float32 (where masked: as stored, 0 if not finite); masks/weights [n, T] or None; row_ids [n] or None.
     skipped: rows left out per reason (order of REASONS); hashed: ids hashed per sparse feature.
     """
 
@@ -303,7 +303,8 @@ class UnitDecoder:
             bad.add(_nulls(col) & exists, "null_label", task.label_column, "is null")
             y = _floats(col, None, task.label_column, "")
             bad.add(~np.isfinite(y) & exists, "nan_label", task.label_column, "is NaN or infinite")
-            labels[:, t] = np.where(exists, y, 0.0)  # a missing label may hold anything
+            # A missing label may hold anything: kept as it is, unless NaN, Inf or null (-> 0).
+            labels[:, t] = np.where(exists | np.isfinite(y), y, 0.0)
             if task.weight:
                 w = _floats(table.column(task.weight), bad, task.weight, "null_value")
                 bad.add(

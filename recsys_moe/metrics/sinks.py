@@ -79,7 +79,7 @@ class WandbSink(MetricSink):
             tags=list(cfg.tags) or None,
             dir=str(run_dir),
             config=config,
-            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
+            settings=wandb.Settings(init_timeout=30, console="off", silent=True),
         )
         try:
             self.run = wandb.init(mode=mode, **kwargs)
@@ -87,8 +87,10 @@ class WandbSink(MetricSink):
             if mode == "offline":
                 raise
             log.warning("W&B %s run could not start (%s); logging offline instead", mode, e)
-            self.run = wandb.init(mode="offline", **kwargs)
-        log.info("W&B run %s (mode %s) in %s", self.run.id, mode, run_dir)
+            mode = "offline"
+            self.run = wandb.init(mode=mode, **kwargs)
+        self.mode = mode
+        log.info("W&B run %s (%s) in %s", self.run.id, mode, run_dir)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
@@ -121,4 +123,26 @@ def format_task_table(
                 f"{'-':>13}" if v is None else (f"{int(v):>13d}" if c == "rows" else f"{v:>13.4f}")
             )
         lines.append(f"{name:<{width}}  {kind.value:<10}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def format_gate_table(
+    metrics: Mapping[str, float], names: Sequence[str], prefix: str = "eval/"
+) -> str:
+    """Per task: experts active per example, experts used, mixture entropy, top experts."""
+    width = max([len("task"), *(len(n) for n in names)])
+    lines = [f"{'task':<{width}}  active/example  experts_used  entropy  top experts (mean weight)"]
+    for name in names:
+        p = f"{prefix}gate/{name}"
+        weights = sorted(
+            ((v, k.rsplit("/", 1)[1]) for k, v in metrics.items() if k.startswith(f"{p}/weight/")),
+            reverse=True,
+        )
+        top = ", ".join(f"{e}:{v:.2f}" for v, e in weights[:4] if v > 0)
+        nan = float("nan")
+        lines.append(
+            f"{name:<{width}}  {metrics.get(f'{p}/active_experts', nan):>14.2f}"
+            f"  {metrics.get(f'{p}/experts_used', nan):>12.0f}"
+            f"  {metrics.get(f'{p}/entropy', nan):>7.3f}  {top}"
+        )
     return "\n".join(lines)

@@ -35,6 +35,7 @@ class RankerOutput:
     task_losses: [T] each task's masked, weighted mean loss (before loss weights).
     aux_loss:    scalar sum of the gates' regularisers.
     gates:       each task's GateOutput (weights [B, N] and stats), detached.
+    moe_stats:   the MoE layer's stats (active_fraction, sparse), detached.
     """
 
     raw: torch.Tensor
@@ -42,6 +43,7 @@ class RankerOutput:
     task_losses: torch.Tensor
     aux_loss: torch.Tensor
     gates: list[GateOutput]
+    moe_stats: dict[str, torch.Tensor]
 
 
 class MultiTaskRanker(nn.Module):
@@ -100,6 +102,8 @@ class MultiTaskRanker(nn.Module):
                 model.num_experts, in_dim, model.expert_hidden, model.expert_dim, model.dropout
             ),
             [build_gate(model.gate, model.num_experts, in_dim) for _ in data.tasks],
+            compute=model.expert_compute,
+            sparse_max_active_fraction=model.sparse_max_active_fraction,
         )
         self.towers = nn.ModuleList(
             MLP(model.expert_dim, model.tower, model.dropout) for _ in data.tasks
@@ -147,8 +151,8 @@ class MultiTaskRanker(nn.Module):
         loss = (self.loss_weights * task_losses_T).sum() + aux
         raw = raw_BT.detach()
         preds = torch.stack([predict(k, raw[:, t]) for t, k in enumerate(self.task_types)], dim=1)
-        gates = [GateOutput(g.weights.detach(), g.aux_loss.detach(), g.stats) for g in moe.gates]
-        return loss, RankerOutput(raw, preds, task_losses_T, aux, gates)
+        gates = [g.detach() for g in moe.gates]
+        return loss, RankerOutput(raw, preds, task_losses_T, aux, gates, moe.stats)
 
     def is_binary(self, t: int) -> bool:
         return self.task_types[t] == TaskType.binary

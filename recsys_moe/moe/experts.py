@@ -13,11 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_moe.moe.grouped import grouped_linear
+
 
 class ExpertBank(nn.Module):
     """N experts, each Linear -> ReLU (-> Dropout) per width of `hidden + [out_dim]`.
 
     forward(x [B, D]) -> [N, B, O]: every expert on every example (the dense path).
+    forward_grouped(x [P, D], counts [N]) -> [P, O]: rows already grouped by expert, counts[e]
+    of them for expert e (the sparse path; same parameters, same values).
 
     Example:
         >>> bank = ExpertBank(num_experts=8, in_dim=32, hidden=[64], out_dim=16)
@@ -62,6 +66,14 @@ class ExpertBank(nn.Module):
         for w_NIO, b_NO in zip(self.weights, self.biases):
             # [B, I] or [N, B, I] @ [N, I, O] -> [N, B, O]
             h = F.relu(torch.matmul(h, w_NIO) + b_NO[:, None, :])
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+        return h
+
+    def forward_grouped(self, x_PD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        h = x_PD
+        for w_NIO, b_NO in zip(self.weights, self.biases):
+            h = F.relu(grouped_linear(h, w_NIO, b_NO, counts))
             if self.dropout > 0:
                 h = F.dropout(h, self.dropout, self.training)
         return h

@@ -1,26 +1,41 @@
 """Multi-task mixture-of-experts layer: T gates over one shared bank of N experts.
 
 Legend: T = tasks, B = examples, D = input width, N = experts, O = expert output width.
+
+Compute modes (model.expert_compute):
+- dense: every expert on every example, y_t = sum_e w_t,e f_e(x) as one batched matmul;
+- sparse: each expert only on the examples to which some task gives it a nonzero weight (the
+  union over tasks), then each task combines its own weights. Exact, not approximate: where all
+  weights of a pair are 0.0, the dense path adds 0 * f_e(x) and the gates' gradients there are
+  exactly zero (DSelect-k and Top-k), so outputs and gradients are the same;
+- auto: sparse when at most `sparse_max_active_fraction` of the (example, expert) pairs are
+  active in this batch, else dense. Gates that are never sparse (softmax) always run dense.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
+from recsys_moe.config.schema import ExpertCompute
+from recsys_moe.moe.dispatch.local import LocalDispatcher
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.gates.base import Gate, GateOutput
 
 
 @dataclass
 class MoEOutput:
-    """y: [T, B, O] per-task mixtures; gates: each task's GateOutput (weights [B, N])."""
+    """y: [T, B, O] per-task mixtures; gates: each task's GateOutput (weights [B, N]);
+    stats: "active_fraction" (active pairs / (B * N), union over tasks; only measured when the
+    layer needs it) and "sparse" (1.0 when the sparse path ran)."""
 
     y: torch.Tensor
     gates: list[GateOutput]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -28,7 +43,7 @@ class MoEOutput:
 
 
 class MultiTaskMoE(nn.Module):
-    """y_t = sum_e w_t,e(x) f_e(x) for every task t (MMoE layout).
+    """y_t = sum_e w_t,e(x) f_e(x) for every task t (MMoE layout, any gate).
 
     forward(x [B, D]) -> MoEOutput with y [T, B, O].
 
@@ -38,19 +53,53 @@ class MultiTaskMoE(nn.Module):
         torch.Size([2, 3, 8])
     """
 
-    def __init__(self, experts: ExpertBank, gates: Sequence[Gate]) -> None:
+    def __init__(
+        self,
+        experts: ExpertBank,
+        gates: Sequence[Gate],
+        compute: ExpertCompute = ExpertCompute.auto,
+        sparse_max_active_fraction: float = 0.5,
+        dispatcher: Optional[LocalDispatcher] = None,
+    ) -> None:
         super().__init__()
         for t, g in enumerate(gates):
             if g.num_experts != experts.num_experts:
                 raise ValueError(
                     f"gate {t} routes over {g.num_experts} experts, the bank has {experts.num_experts}"
                 )
+        if not 0.0 <= sparse_max_active_fraction <= 1.0:
+            raise ValueError(
+                f"model.sparse_max_active_fraction ({sparse_max_active_fraction}) must be in [0, 1]"
+            )
         self.experts = experts
         self.gates = nn.ModuleList(gates)
+        self.compute = ExpertCompute(compute)
+        self.sparse_max_active_fraction = sparse_max_active_fraction
+        self.dispatcher = dispatcher or LocalDispatcher()
+        self.any_sparse_gate = any(g.sparse for g in gates)
 
     def forward(self, x_BD: torch.Tensor) -> MoEOutput:
         outs = [g(x_BD) for g in self.gates]
         w_TBN = torch.stack([o.weights for o in outs])
-        f_NBO = self.experts(x_BD)
-        y_TBO = torch.einsum("tbn,nbo->tbo", w_TBN, f_NBO)
-        return MoEOutput(y=y_TBO, gates=outs)
+        mode = self.compute
+        stats: dict[str, torch.Tensor] = {}
+        if mode == ExpertCompute.auto:
+            mode = ExpertCompute.dense
+            if self.any_sparse_gate:
+                frac = (w_TBN != 0).any(0).float().mean()
+                stats["active_fraction"] = frac
+                if frac.item() <= self.sparse_max_active_fraction:  # host sync: picks the path
+                    mode = ExpertCompute.sparse
+
+        if mode == ExpertCompute.dense:
+            f_NBO = self.experts(x_BD)
+            y_TBO = torch.einsum("tbn,nbo->tbo", w_TBN, f_NBO)
+        else:
+            plan = self.dispatcher.plan(w_TBN.detach())
+            f_PO = self.experts.forward_grouped(self.dispatcher.dispatch(x_BD, plan), plan.counts)
+            y_TBO = self.dispatcher.combine(f_PO, w_TBN, plan)
+            stats["active_fraction"] = x_BD.new_tensor(
+                plan.num_pairs / max(1, w_TBN.shape[1] * w_TBN.shape[2])
+            )
+        stats["sparse"] = x_BD.new_tensor(float(mode == ExpertCompute.sparse))
+        return MoEOutput(y=y_TBO, gates=outs, stats=stats)

@@ -6,7 +6,9 @@ Legend: B = examples, D = gate input width, N = experts.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -18,19 +20,31 @@ class GateOutput:
 
     weights:  [B, N] nonnegative expert weights; exactly 0.0 where an expert is not selected.
     aux_loss: scalar regulariser to add to the training loss (already scaled; 0 when none).
-    stats:    detached telemetry tensors (scalars or [N]), keyed by short names.
+    stats:    detached telemetry tensors (scalars or [N]), keyed by short names. Computed on
+              first access from what the gate kept (`stats_fn`), so a step that logs nothing
+              pays nothing for them.
     """
 
     weights: torch.Tensor
     aux_loss: torch.Tensor
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats_fn: Optional[Callable[[], dict[str, torch.Tensor]]] = None
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        return {} if self.stats_fn is None else self.stats_fn()
+
+    def detach(self) -> GateOutput:
+        return GateOutput(self.weights.detach(), self.aux_loss.detach(), self.stats_fn)
 
 
 class Gate(nn.Module, abc.ABC):
     """One task's router over a shared pool of `num_experts` experts.
 
     forward(x [B, D]) -> GateOutput. Static gates ignore x except for its batch size.
+    `sparse` says whether the gate can give exact zeros (then sparse expert compute can pay).
     """
+
+    sparse: bool = False
 
     def __init__(self, num_experts: int) -> None:
         super().__init__()

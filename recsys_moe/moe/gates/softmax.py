@@ -17,6 +17,8 @@ class SoftmaxGate(Gate):
         tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
     """
 
+    sparse = False  # every weight is positive: the sparse expert path would gain nothing
+
     def __init__(self, num_experts: int, in_dim: int, per_example: bool = True) -> None:
         super().__init__(num_experts)
         self.per_example = per_example

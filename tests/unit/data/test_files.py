@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from tests_support import data_config
 
-from recsys_moe.data.files import DataError, resolve_split
+from recsys_moe.data.files import DataError, locate_split, resolve_split
 from recsys_moe.data.loader import SplitInput
 
 
@@ -21,16 +21,16 @@ def test_folder_is_listed_recursively_skipping_hidden_names(tmp_path):
         _touch(tmp_path / rel)
     (tmp_path / "t" / "_SUCCESS").write_text("")
     (tmp_path / "t" / ".part-0.parquet.crc").write_text("")
-    _, files = resolve_split(str(tmp_path), "t", "data.train")
+    files = resolve_split(str(tmp_path), "t", "data.train")
     assert [f.split("/t/")[1] for f in files] == ["date=1/part-0.parquet", "date=2/part-1.parquet"]
 
 
 def test_glob_and_uri(tmp_path):
     for i in range(3):
         _touch(tmp_path / "t" / f"part-{i}.parquet")
-    _, files = resolve_split(str(tmp_path), "t/part-[01].parquet", "data.train")
+    files = resolve_split(str(tmp_path), "t/part-[01].parquet", "data.train")
     assert [f.rsplit("/", 1)[1] for f in files] == ["part-0.parquet", "part-1.parquet"]
-    fs, files = resolve_split(f"file://{tmp_path}", "t", "data.train")
+    fs, files = locate_split(f"file://{tmp_path}", "t", "data.train")
     assert len(files) == 3 and type(fs).__name__ == "LocalFileSystem"
 
 

@@ -1,0 +1,168 @@
+"""Gate telemetry: which experts each task's gate chooses, how sparse it is, when it settles.
+
+Legend: T = tasks, B = examples, N = experts.
+
+State (sums on the training device, updated without host syncs) is kept apart from reduction
+across ranks and from naming. compute() returns flat keys:
+- gate/<task>/active_experts: experts with nonzero weight, averaged per example;
+- gate/<task>/experts_used: experts with nonzero weight for at least one example;
+- gate/<task>/entropy: entropy of the mixture weights, averaged per example;
+- gate/<task>/selected/<e>: fraction of examples giving expert e a nonzero weight;
+- gate/<task>/weight/<e>: mean weight of expert e;
+- gate/<task>/<stat>: the gate's own stats averaged over batches (DSelect-k:
+  saturated_fraction, selector_entropy, entropy_reg);
+- expert/<e>/load: fraction of examples expert e is computed on (union over tasks);
+- moe/active_fraction (where measured) and moe/sparse_fraction (batches on the sparse path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from recsys_moe.moe.gates.base import GateOutput
+
+
+class GateTelemetry:
+    """Example:
+    >>> tel = GateTelemetry(["click", "like"], num_experts=8, device=torch.device("cpu"))
+    >>> tel.update(out.gates, out.moe_stats)        # every step
+    >>> metrics = tel.compute(); tel.reset()          # on logging steps
+    """
+
+    def __init__(self, task_names: Sequence[str], num_experts: int, device: torch.device) -> None:
+        self.task_names = list(task_names)
+        self.num_experts = num_experts
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        T, N, dev = len(self.task_names), self.num_experts, self.device
+        self.selected = torch.zeros(T, N, dtype=torch.float64, device=dev)
+        self.weight = torch.zeros(T, N, dtype=torch.float64, device=dev)
+        self.active = torch.zeros(T, dtype=torch.float64, device=dev)
+        self.entropy = torch.zeros(T, dtype=torch.float64, device=dev)
+        self.used = torch.zeros(T, N, dtype=torch.bool, device=dev)
+        self.load = torch.zeros(N, dtype=torch.float64, device=dev)
+        self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
+        self.moe: dict[str, torch.Tensor] = {}
+        self.moe_batches: dict[str, int] = {}
+        self.examples = 0
+        self.batches = 0
+
+    @torch.no_grad()
+    def update(
+        self, gates: Sequence[GateOutput], moe_stats: Optional[dict[str, torch.Tensor]] = None
+    ) -> None:
+        """Adds one batch."""
+        any_nonzero = None
+        for t, g in enumerate(gates):
+            w = g.weights
+            nz = w != 0
+            self.selected[t] += nz.sum(0)
+            self.weight[t] += w.sum(0)
+            self.active[t] += nz.sum()
+            self.entropy[t] += torch.special.entr(w).sum()
+            self.used[t] |= nz.any(0)
+            any_nonzero = nz if any_nonzero is None else any_nonzero | nz
+            for k, v in g.stats.items():
+                self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double()
+        if any_nonzero is not None:
+            self.load += any_nonzero.sum(0)
+            self.examples += any_nonzero.shape[0]
+        for k, v in (moe_stats or {}).items():
+            self.moe[k] = self.moe.get(k, 0.0) + v.detach().double()
+            self.moe_batches[k] = self.moe_batches.get(k, 0) + 1
+        self.batches += 1
+
+    def reduce(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Sums the state of all ranks into every rank (call before compute() at eval)."""
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return
+        for t in (self.selected, self.weight, self.active, self.entropy, self.load):
+            dist.all_reduce(t, group=group)
+        used = self.used.to(torch.int32)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
+        self.used = used.bool()
+        counts = torch.tensor([self.examples], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts, group=group)
+        self.examples = int(counts.item())
+
+    def mean_weights(self) -> torch.Tensor:
+        """[T, N] mean weight of every expert for every task (the heatmap)."""
+        return (self.weight / max(self.examples, 1)).cpu()
+
+    def compute(self) -> dict[str, float]:
+        if self.batches == 0:
+            return {}
+        n = max(self.examples, 1)
+        sel = (self.selected / n).cpu()
+        wts = (self.weight / n).cpu()
+        active = (self.active / n).tolist()
+        ent = (self.entropy / n).tolist()
+        used = self.used.sum(1).tolist()
+        out: dict[str, float] = {}
+        for t, name in enumerate(self.task_names):
+            p = f"gate/{name}"
+            out[f"{p}/active_experts"] = active[t]
+            out[f"{p}/experts_used"] = float(used[t])
+            out[f"{p}/entropy"] = ent[t]
+            for k, v in self.stats[t].items():
+                out[f"{p}/{k}"] = float(v) / self.batches
+            for e in range(self.num_experts):
+                out[f"{p}/selected/{e}"] = sel[t, e].item()
+                out[f"{p}/weight/{e}"] = wts[t, e].item()
+        for e, v in enumerate((self.load / n).tolist()):
+            out[f"expert/{e}/load"] = v
+        for k, v in self.moe.items():
+            key = "moe/sparse_fraction" if k == "sparse" else f"moe/{k}"
+            out[key] = float(v) / self.moe_batches[k]
+        return out
+
+
+def save_heatmap(
+    weights_TN: torch.Tensor, task_names: Sequence[str], path: Path, title: str
+) -> Path:
+    """A task x expert heatmap of mean gate weights, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    T, N = weights_TN.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * N + 2.0), max(2.0, 0.45 * T + 1.2)))
+    im = ax.imshow(
+        weights_TN.numpy(),
+        cmap="viridis",
+        vmin=0.0,
+        vmax=max(1e-9, float(weights_TN.max())),
+        aspect="auto",
+    )
+    ax.set_xticks(range(N), [str(e) for e in range(N)])
+    ax.set_yticks(range(T), list(task_names))
+    ax.set_xlabel("expert")
+    ax.set_title(title)
+    if N <= 24:
+        for t in range(T):
+            for e in range(N):
+                v = float(weights_TN[t, e])
+                if v >= 0.005:
+                    ax.text(
+                        e,
+                        t,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if v < 0.6 * float(weights_TN.max()) else "black",
+                    )
+    fig.colorbar(im, ax=ax, label="mean weight")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,215 @@
+"""DSelect-k (Hazimeh et al., NeurIPS 2021): a differentiable gate with exactly k-sparse weights.
+
+Legend: B = examples, D = gate input width, N = experts, K = selectors (k), M = bits per code.
+
+The method, as in ../shared/DSELECT_K.md and the authors' reference Keras layer:
+- smooth-step S(t) = 3u^2 - 2u^3 with u = clamp(t / gamma + 1/2, 0, 1): exactly 0 for
+  t <= -gamma/2, exactly 1 for t >= gamma/2, S(0) = 1/2, S'(0) = 3 / (2 gamma);
+- a single-expert selector z in R^M gives r(z)_e = prod_j (s_j if bit j of e else 1 - s_j),
+  with M = ceil(log2 N) bits, most significant first, over the N reachable codes only;
+- the gate mixes K selectors: w = sum_i softmax(alpha)_i r(z_i);
+- static gate: Z [K, M] and alpha [K] are parameters; per-example gate: Z(x) and alpha(x) are
+  affine maps of the gate input x (one fused Linear here, the same parameters as two);
+- init: Z (or its affine map) ~ U(-gamma/100, gamma/100), alpha (or its map) ~ U(-0.05, 0.05).
+
+Regularisers (training only), returned as GateOutput.aux_loss:
+- entropy: lambda * mean over the batch of sum_i H(r(z_i)), H(r) = -sum_e r_e log(r_e + 1e-6).
+  The reference SUMS over the batch, which ties lambda to the batch size; we average, so
+  lambda(batch B) here = lambda_reference * B. lambda ramps linearly from 0 over
+  `entropy_warmup_steps` training forward calls (a persistent counter, so resuming keeps it);
+- reachability (N not a power of two): mean over the batch of sum_i 1 / sum_e r(z_i)_e, with
+  coefficient 1 as in the reference (also summed over the batch there), so selectors do not park
+  their mass on unreachable codes.
+
+Why the exact zeros matter: where w_e = 0, every path to it passes through a factor of S at a
+flat point (S' = 0), so dw_e/dZ = dw_e/dalpha = 0 and experts with zero weight can be skipped
+without changing values or gradients (see moe/layer.py, sparse mode).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys_moe.moe.gates.base import Gate, GateOutput
+
+ENTROPY_EPS = 1e-6  # inside the log of the entropy regulariser, as in the reference
+
+
+def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Cubic smooth-step: 0 below -gamma/2, 1 above gamma/2, 3u^2 - 2u^3 in between."""
+    u = (t / gamma + 0.5).clamp(0.0, 1.0)
+    return u * u * (3.0 - 2.0 * u)
+
+
+def num_bits(num_experts: int) -> int:
+    """M = ceil(log2 N): bits of an expert code (0 for a single expert)."""
+    return math.ceil(math.log2(num_experts)) if num_experts > 1 else 0
+
+
+def binary_codes(num_experts: int) -> torch.Tensor:
+    """[N, M] bool: row e is the M-bit code of expert e, most significant bit first."""
+    m = num_bits(num_experts)
+    e = torch.arange(num_experts)[:, None]
+    shifts = torch.arange(m - 1, -1, -1)[None, :]
+    return ((e >> shifts) & 1).bool()
+
+
+def selector_outputs(s_XM: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """r [..., N] from smooth-stepped selectors s [..., M].
+
+    r_e = prod_j (s_j if bit j of e else 1 - s_j). Built as the Kronecker product of the pairs
+    (1 - s_j, s_j) with the first bit most significant, then cut to the N reachable codes:
+    2^(M+1) multiplications per selector instead of N * M.
+    """
+    r = s_XM.new_ones(s_XM.shape[:-1] + (1,))
+    for j in range(s_XM.shape[-1]):
+        s_j = s_XM[..., j : j + 1]
+        r = torch.stack([r * (1.0 - s_j), r * s_j], dim=-1).flatten(-2)
+    return r[..., :num_experts]
+
+
+def entropy(r: torch.Tensor) -> torch.Tensor:
+    """H(r) over the last dim, as the reference computes it: -sum r log(r + 1e-6)."""
+    return -(r * torch.log(r + ENTROPY_EPS)).sum(-1)
+
+
+class DSelectKGate(Gate):
+    """DSelect-k gate over N experts with at most k nonzero weights once its selectors saturate.
+
+    forward(x [B, D]) -> GateOutput(weights [B, N], aux_loss, stats):
+    stats: "saturated_fraction" (selectors whose M bits all left the smooth-step window),
+    "selector_entropy" (mean H(r) per selector), "entropy_reg" (the current lambda).
+
+    Example:
+        >>> gate = DSelectKGate(num_experts=16, in_dim=32, k=2)
+        >>> out = gate(torch.randn(8, 32))
+        >>> out.weights.shape, out.weights.sum(-1)      # [8, 16], all ones
+    """
+
+    sparse = True
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_dim: int,
+        k: int = 2,
+        gamma: float = 1.0,
+        per_example: bool = True,
+        entropy_reg: float = 0.0,
+        entropy_warmup_steps: int = 0,
+    ) -> None:
+        super().__init__(num_experts)
+        _check(num_experts, k, gamma, entropy_reg, entropy_warmup_steps)
+        self.k = k
+        self.gamma = gamma
+        self.per_example = per_example
+        self.entropy_reg = entropy_reg
+        self.entropy_warmup_steps = entropy_warmup_steps
+        self.num_bits = num_bits(num_experts)
+        self.power_of_two = num_experts == 2**self.num_bits
+        if per_example:
+            # rows [0, K*M): selector logits Z(x); rows [K*M, K*M + K): mixing logits alpha(x)
+            self.proj = nn.Linear(in_dim, k * self.num_bits + k)
+        else:
+            self.z = nn.Parameter(torch.empty(k, self.num_bits))
+            self.alpha = nn.Parameter(torch.empty(k))
+        # training forward calls so far: drives the entropy warm-up; saved with the model
+        self.register_buffer("num_calls", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        zr, ar = self.gamma / 100.0, 0.05
+        if self.per_example:
+            km = self.k * self.num_bits
+            with torch.no_grad():
+                nn.init.uniform_(self.proj.weight[:km], -zr, zr)
+                nn.init.uniform_(self.proj.bias[:km], -zr, zr)
+                nn.init.uniform_(self.proj.weight[km:], -ar, ar)
+                nn.init.uniform_(self.proj.bias[km:], -ar, ar)
+        else:
+            nn.init.uniform_(self.z, -zr, zr)
+            nn.init.uniform_(self.alpha, -ar, ar)
+
+    def logits(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selector logits Z [B, K, M] (static: [K, M]) and mixing logits alpha [B, K] (or [K])."""
+        if not self.per_example:
+            return self.z, self.alpha
+        out = self.proj(x_BD)
+        km = self.k * self.num_bits
+        return out[:, :km].reshape(-1, self.k, self.num_bits), out[:, km:]
+
+    def _window_and_alpha(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u = clamp(Z / gamma + 1/2, 0, 1) [B, K, M] and alpha [B, K] (static: [K, M], [K]).
+
+        Per example, the scale 1/gamma and the shift 1/2 are folded into the affine map (a
+        [K*M, D] weight, not a [B, K, M] activation): the same values and gradients as
+        smooth_step(Z(x)), two fewer passes over the activations.
+        """
+        if not self.per_example:
+            return (self.z / self.gamma + 0.5).clamp(0.0, 1.0), self.alpha
+        km = self.k * self.num_bits
+        w, b = self.proj.weight, self.proj.bias
+        scale = torch.cat([w.new_full((km,), 1.0 / self.gamma), w.new_ones(self.k)])
+        shift = torch.cat([w.new_full((km,), 0.5), w.new_zeros(self.k)])
+        out = F.linear(x_BD, w * scale[:, None], b * scale + shift)
+        u = out[:, :km].reshape(-1, self.k, self.num_bits).clamp(0.0, 1.0)
+        return u, out[:, km:]
+
+    def current_entropy_reg(self) -> torch.Tensor:
+        """lambda now: ramps linearly from 0 to entropy_reg over the warm-up (a device tensor, so
+        reading it never syncs the host)."""
+        lam = torch.full((), self.entropy_reg, device=self.num_calls.device)
+        if self.entropy_warmup_steps > 0:
+            lam = lam * (self.num_calls.float() / self.entropy_warmup_steps).clamp(max=1.0)
+        return lam
+
+    def forward(self, x_BD: torch.Tensor) -> GateOutput:
+        u, alpha = self._window_and_alpha(x_BD)
+        s = u * u * (3.0 - 2.0 * u)  # smooth_step(Z, gamma)
+        r = selector_outputs(s, self.num_experts)  # [B, K, N] or [K, N]
+        mix = torch.softmax(alpha, dim=-1)  # softmax over the K selectors, not the experts
+        w = (mix.unsqueeze(-1) * r).sum(-2)  # [B, N] or [N]
+        if not self.per_example:
+            w = w.expand(x_BD.shape[0], -1)
+
+        aux = x_BD.new_zeros(())
+        lam = self.current_entropy_reg()
+        if self.training:
+            self.num_calls += 1
+            if self.entropy_reg > 0:
+                # mean over the batch (the reference sums), of the sum over the K selectors
+                aux = aux + lam * entropy(r).sum(-1).mean()
+            if not self.power_of_two:
+                aux = aux + (1.0 / r.sum(-1)).sum(-1).mean()
+
+        u_d, r_d = u.detach(), r.detach()
+
+        def stats() -> dict[str, torch.Tensor]:
+            # saturated: every bit of the selector outside the window (u exactly 0 or 1)
+            saturated = ((u_d == 0.0) | (u_d == 1.0)).all(-1).float().mean()
+            return {
+                "saturated_fraction": saturated,
+                "selector_entropy": entropy(r_d).mean(),
+                "entropy_reg": lam,
+            }
+
+        return GateOutput(weights=w, aux_loss=aux, stats_fn=stats)
+
+
+def _check(num_experts: int, k: int, gamma: float, entropy_reg: float, warmup: int) -> None:
+    if num_experts < 1:
+        raise ValueError(f"model.num_experts ({num_experts}) must be >= 1")
+    if k < 1:
+        raise ValueError(f"model.gate.k ({k}) must be >= 1")
+    if k > num_experts:
+        raise ValueError(f"model.gate.k ({k}) must be <= model.num_experts ({num_experts})")
+    if not gamma > 0:
+        raise ValueError(f"model.gate.gamma ({gamma}) must be > 0")
+    if entropy_reg < 0:
+        raise ValueError(f"model.gate.entropy_reg ({entropy_reg}) must be >= 0")
+    if warmup < 0:
+        raise ValueError(f"model.gate.entropy_warmup_steps ({warmup}) must be >= 0")

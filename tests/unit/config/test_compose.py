@@ -1,0 +1,73 @@
+"""Every config composes against the typed schema; typos and wrong types fail naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError
+
+from recsys_moe.config.schema import GateType, TaskType, TrainConfig
+from recsys_moe.config.store import register, to_typed
+from tests.conftest import CONF
+
+register()
+
+
+def _compose(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_typed(compose("train", overrides=list(overrides)))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_default_composes_to_typed_config():
+    cfg = _compose()
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.gate.type == GateType.softmax
+    assert [t.type for t in cfg.data.tasks] == [
+        TaskType.binary,
+        TaskType.binary,
+        TaskType.regression,
+        TaskType.regression,
+    ]
+    assert cfg.data.tasks[3].mask == "rating_observed"
+    assert cfg.trainer.epochs == 3
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [
+        (g, o)
+        for g in ("data", "model", "model/gate", "optim", "trainer", "logger")
+        for o in _options(g)
+    ],
+)
+def test_every_group_option_composes(group, option):
+    _compose(f"{group}={option}")
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException, match=r"model\.expert_dimm"):
+        _compose("model.expert_dimm=3")
+
+
+def test_forced_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigKeyError, match=r"model\.bar"):
+        _compose("+model.bar=1")
+
+
+def test_wrong_type_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("trainer.max_steps=abc")
+    assert "trainer.max_steps" in str(e.value) + str(e.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose("data.tasks.0.type=multiclass")
+    assert "type" in str(e.value.__cause__)
+
+
+def test_unknown_group_option_lists_the_available_ones():
+    with pytest.raises(MissingConfigException, match="softmax"):
+        _compose("model/gate=nope")

@@ -1,0 +1,56 @@
+"""Gate telemetry from known weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys_moe.metrics.gates import GateTelemetry, save_heatmap
+from recsys_moe.moe.gates.base import GateOutput
+
+
+def _out(w, **stats):
+    values = {k: torch.tensor(v) for k, v in stats.items()}
+    return GateOutput(weights=torch.tensor(w), aux_loss=torch.zeros(()), stats_fn=lambda: values)
+
+
+def test_counts_and_means_over_batches():
+    tel = GateTelemetry(["a", "b"], num_experts=3, device=torch.device("cpu"))
+    # batch 1: 2 examples; batch 2: 1 example
+    tel.update(
+        [
+            _out([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], saturated_fraction=0.5),
+            _out([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]),
+        ],
+        {"sparse": torch.tensor(1.0)},
+    )
+    tel.update(
+        [_out([[0.0, 1.0, 0.0]], saturated_fraction=1.0), _out([[0.0, 0.0, 1.0]])],
+        {"sparse": torch.tensor(0.0)},
+    )
+    m = tel.compute()
+    assert m["gate/a/active_experts"] == pytest.approx((1 + 2 + 1) / 3)
+    assert m["gate/b/active_experts"] == pytest.approx(1.0)
+    assert m["gate/a/experts_used"] == 2 and m["gate/b/experts_used"] == 1
+    assert m["gate/a/selected/0"] == pytest.approx(2 / 3) and m["gate/a/selected/2"] == 0.0
+    assert m["gate/a/weight/1"] == pytest.approx(1.5 / 3)
+    assert m["gate/a/entropy"] == pytest.approx(
+        (0 + 2 * 0.5 * torch.log(torch.tensor(2.0)).item() + 0) / 3
+    )
+    assert m["gate/a/saturated_fraction"] == pytest.approx(0.75)  # mean over batches
+    assert "gate/b/saturated_fraction" not in m
+    # expert load: union over tasks per example: ex1 {0,2}, ex2 {0,1,2}, ex3 {1,2}
+    assert [m[f"expert/{e}/load"] for e in range(3)] == pytest.approx([2 / 3, 2 / 3, 1.0])
+    assert m["moe/sparse_fraction"] == 0.5
+    torch.testing.assert_close(
+        tel.mean_weights(), torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    )
+    tel.reset()
+    assert tel.compute() == {}
+
+
+def test_heatmap_png(tmp_path):
+    path = save_heatmap(
+        torch.rand(4, 16), ["click", "like", "watch_time", "rating"], tmp_path / "g" / "h.png", "t"
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
