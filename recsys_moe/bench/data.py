@@ -10,7 +10,8 @@ size and columns:
 - loader: SplitInput producing training Batches (validated, shuffled, KeyedJaggedTensors) with
   data.num_workers = 0, 1 and 2 (worker threads, the default data.worker_type), with 1 and 2
   DataLoader worker processes, and with shuffling off (1 worker).
-Each is run --repeats times; the JSON holds the median rows/s of each and "ratios", among them
+Each case runs once per round, --repeats rounds; the JSON holds every run, the median rows/s of
+each case and "ratios" (medians over rounds of the ratio within a round), among them
 loader_vs_raw_decode = loader (1 worker) / raw (single-threaded); the goal is >= 0.8.
 """
 
@@ -85,14 +86,18 @@ def loader_rows(cfg: DataConfig) -> int:
     return rows
 
 
-def measure(fn: Callable[[], int], repeats: int) -> dict[str, float]:
-    fn()  # warm-up: page cache, imports, worker start-up code paths
-    rates = []
+def measure(cases: dict[str, Callable[[], int]], repeats: int) -> dict[str, list[float]]:
+    """rows/s of every case in each of `repeats` rounds. Rounds visit the cases in turn, so a
+    slow spell of a shared machine hits all of them rather than one."""
+    for fn in cases.values():
+        fn()  # warm-up: page cache, imports, worker start-up code paths
+    rates: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        rows = fn()
-        rates.append(rows / (time.perf_counter() - t0))
-    return {"rows_per_sec": statistics.median(rates), "runs": rates}
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            rows = fn()
+            rates[k].append(rows / (time.perf_counter() - t0))
+    return rates
 
 
 def run(rows: int, batch_size: int, repeats: int, row_group_size: int) -> dict:
@@ -105,42 +110,34 @@ def run(rows: int, batch_size: int, repeats: int, row_group_size: int) -> dict:
         pq.write_table(train, path, row_group_size=row_group_size)
         cfg = data_config(root, spec, batch_size)
         columns = SplitInput(cfg, "train").decoder.columns
-        results = {
-            "raw_decode_1_thread": measure(
-                lambda: raw_decode(path, columns, batch_size, False), repeats
-            ),
-            "raw_decode_threads": measure(
-                lambda: raw_decode(path, columns, batch_size, True), repeats
-            ),
+        cases: dict[str, Callable[[], int]] = {
+            "raw_decode_1_thread": lambda: raw_decode(path, columns, batch_size, False),
+            "raw_decode_threads": lambda: raw_decode(path, columns, batch_size, True),
         }
         for w in (0, 1, 2):
-            results[f"loader_{w}_workers"] = measure(
-                lambda w=w: loader_rows(replace(cfg, num_workers=w)), repeats
-            )
+            cases[f"loader_{w}_workers"] = lambda w=w: loader_rows(replace(cfg, num_workers=w))
         for w in (1, 2):
-            results[f"loader_{w}_process_workers"] = measure(
-                lambda w=w: loader_rows(
-                    replace(cfg, num_workers=w, worker_type=WorkerType.process)
-                ),
-                repeats,
+            cases[f"loader_{w}_process_workers"] = lambda w=w: loader_rows(
+                replace(cfg, num_workers=w, worker_type=WorkerType.process)
             )
-        results["loader_1_worker_no_shuffle"] = measure(
-            lambda: loader_rows(replace(cfg, num_workers=1, shuffle=ShuffleConfig(enabled=False))),
-            repeats,
+        cases["loader_1_worker_no_shuffle"] = lambda: loader_rows(
+            replace(cfg, num_workers=1, shuffle=ShuffleConfig(enabled=False))
         )
-    raw = results["raw_decode_1_thread"]["rows_per_sec"]
+        rates = measure(cases, repeats)
+    results = {k: {"rows_per_sec": statistics.median(v), "runs": v} for k, v in rates.items()}
 
-    def rate(k: str) -> float:
-        return results[k]["rows_per_sec"]
+    def ratio(k: str, base: str = "raw_decode_1_thread") -> float:
+        # median over rounds of the ratio within a round (both measured moments apart)
+        return statistics.median(a / b for a, b in zip(rates[k], rates[base]))
 
     ratios = {
-        "loader_vs_raw_decode": rate("loader_1_workers") / raw,
-        "loader_0_workers_vs_raw_decode": rate("loader_0_workers") / raw,
-        "loader_2_workers_vs_raw_decode": rate("loader_2_workers") / raw,
-        "loader_1_process_worker_vs_raw_decode": rate("loader_1_process_workers") / raw,
-        "loader_2_process_workers_vs_raw_decode": rate("loader_2_process_workers") / raw,
-        "loader_no_shuffle_vs_raw_decode": rate("loader_1_worker_no_shuffle") / raw,
-        "raw_threads_vs_raw_1_thread": rate("raw_decode_threads") / raw,
+        "loader_vs_raw_decode": ratio("loader_1_workers"),
+        "loader_0_workers_vs_raw_decode": ratio("loader_0_workers"),
+        "loader_2_workers_vs_raw_decode": ratio("loader_2_workers"),
+        "loader_1_process_worker_vs_raw_decode": ratio("loader_1_process_workers"),
+        "loader_2_process_workers_vs_raw_decode": ratio("loader_2_process_workers"),
+        "loader_no_shuffle_vs_raw_decode": ratio("loader_1_worker_no_shuffle"),
+        "raw_threads_vs_raw_1_thread": ratio("raw_decode_threads"),
     }
     return {
         "benchmark": "recsys_moe.bench.data",
@@ -175,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--row-group-size", type=int, default=65536)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
     report = run(a.rows, a.batch_size, a.repeats, a.row_group_size)
     a.out.parent.mkdir(parents=True, exist_ok=True)

