@@ -295,8 +295,9 @@ class SplitInput:
                     if self.batches_done == self.steps:
                         break
                 if tail is None:
-                    while used + B <= chunk.num_rows and self.batches_done < self.steps:
-                        batch = chunk.slice(used, used + B)
+                    for batch in chunk.split(used, B):
+                        if self.batches_done == self.steps:
+                            break
                         used += B
                         yield self._emit(batch, w, base + used), True
                     if self.batches_done == self.steps:
