@@ -81,8 +81,9 @@ class Trainer:
 
         # 2. data: every file's footer is checked before anything else is built
         env = self.env
-        self.train_data = SplitInput(cfg.data, "train", env.rank, env.world_size, env.group)
-        self.eval_data = SplitInput(cfg.data, "eval", env.rank, env.world_size, env.group)
+        pin = self.device.type == "cuda"
+        self.train_data = SplitInput(cfg.data, "train", env.rank, env.world_size, env.group, pin)
+        self.eval_data = SplitInput(cfg.data, "eval", env.rank, env.world_size, env.group, pin)
         if self.train_data.dropped_rows:
             log.info(
                 "train: %d of %d rows per epoch are dropped so every rank runs %d full batches",
@@ -164,11 +165,12 @@ class Trainer:
         )
         self.model.train()
         done = False
-        for epoch in range(tc.epochs):
+        # The loader's position (train_data.state_dict()) counts the batches it has handed out,
+        # so the loop stops before asking for a batch it would not train on.
+        for epoch in range(self.train_data.epoch, tc.epochs):
+            if self.step >= self.total_steps:
+                break
             for batch, _ in self.train_data.batches():
-                if self.step >= self.total_steps:
-                    done = True
-                    break
                 t0 = time.perf_counter()
                 batch = batch.to(self.device, non_blocking=True)
                 loss, out = self.model(batch)
@@ -208,6 +210,7 @@ class Trainer:
                         metrics[f"train/{name}/loss"] = (acc_tasks[t] / acc_n).item()
                     metrics.update(self.train_gates.compute())
                     self.train_gates.reset()
+                    metrics.update(self.train_data.metrics(env.group))  # skipped rows per reason
                     self._log(metrics, self.step)
                     bar.set_postfix(
                         loss=f"{metrics['train/loss']:.4f}",
@@ -223,7 +226,10 @@ class Trainer:
                 ):
                     eval_metrics = self.evaluate()
                     self.model.train()
-            if done or self.step >= self.total_steps:
+                if self.step >= self.total_steps:
+                    done = True
+                    break
+            if done:
                 break
         bar.close()
         self._check_finite(first_bad)
@@ -233,6 +239,7 @@ class Trainer:
             **eval_metrics,
             "train/samples_per_sec": samples / max(train_time, 1e-9),
             "train/dropped_rows_per_epoch": float(self.train_data.dropped_rows),
+            **self.train_data.metrics(env.group),
         }
         for sink in self.sinks:
             sink.summary(summary)
@@ -266,6 +273,8 @@ class Trainer:
             f"eval/{k}": v for k, v in self.eval_metrics.compute(self.label_means.means()).items()
         }
         metrics.update({f"eval/{k}": v for k, v in self.eval_gates.compute().items()})
+        for k, v in self.eval_data.metrics(self.env.group).items():
+            metrics["data/eval/" + k.removeprefix("data/")] = v
         self._log(metrics, self.step)
         if self.env.is_main:
             path = save_heatmap(

@@ -24,6 +24,32 @@ class Pooling(str, Enum):
     mean = "mean"
 
 
+class IdPolicy(str, Enum):
+    """What a sparse feature does with an id outside [0, num_embeddings)."""
+
+    error = "error"  # a bad row (handled by data.on_bad_rows)
+    hash = "hash"  # mapped into range by a fixed 64-bit mix, modulo num_embeddings
+
+
+class BadRows(str, Enum):
+    error = "error"  # stop with an error naming file, row group, column and row
+    skip = "skip"  # leave the row (or file) out and count it per reason in the metrics
+
+
+class EqualSteps(str, Enum):
+    """How every rank gets the same number of train steps per epoch."""
+
+    drop = "drop"  # each rank runs the global minimum of full batches; the rest is dropped
+    pad = "pad"  # each rank runs the global maximum; missing rows are zero-weight padding
+
+
+class WorkerType(str, Enum):
+    """What data.num_workers counts."""
+
+    thread = "thread"  # threads of the training process (no copies between processes)
+    process = "process"  # torch DataLoader worker processes (windows sent through shared memory)
+
+
 class GateType(str, Enum):
     softmax = "softmax"  # MMoE (Ma et al., KDD 2018): dense
     topk = "topk"  # Shazeer et al. 2017: the k largest logits, softmax over them
@@ -49,6 +75,7 @@ class SparseFeature:
     column: Optional[str] = None  # Parquet column; defaults to name
     table: Optional[str] = None  # table name; features naming the same table share it
     pooling: Pooling = Pooling.sum  # how a multi-valued row's embeddings are pooled
+    id_policy: IdPolicy = IdPolicy.error  # ids outside [0, num_embeddings): error or hash
 
     @property
     def column_name(self) -> str:
@@ -75,10 +102,24 @@ class TaskSpec:
 
 
 @dataclass
-class DataConfig:
-    """Where the data is and what its columns mean."""
+class ShuffleConfig:
+    """Train-split shuffling; eval is never shuffled. Deterministic for a seed and epoch."""
 
-    path: str = MISSING  # root folder of the data set
+    enabled: bool = True
+    seed: int = 0
+    # Rows of consecutive row groups gathered into one window that is permuted as a whole
+    # (memory per rank: about (1 + num_workers x prefetch_factor) windows of buffer_rows plus a
+    # row group). 0: row groups are shuffled but rows within them keep their order.
+    buffer_rows: int = 65536
+
+
+@dataclass
+class DataConfig:
+    """Where the data is, what its columns mean, and how it is read (policies: data/loader.py)."""
+
+    # Root of the data set: a local folder or a pyarrow filesystem URI (file://, s3://, gs://,
+    # hdfs://, where the installed pyarrow supports it).
+    path: str = MISSING
     train: str = "train"  # train split: a folder, file or glob, relative to path
     eval: str = "eval"  # eval split, likewise
     batch_size: int = 512
@@ -86,6 +127,13 @@ class DataConfig:
     dense: list[str] = field(default_factory=list)  # float columns, in order
     sparse: list[SparseFeature] = field(default_factory=list)
     tasks: list[TaskSpec] = field(default_factory=list)
+    row_id: Optional[str] = None  # optional int64 column carried into Batch.row_ids (tracing)
+    on_bad_rows: BadRows = BadRows.error  # skip: counted per reason as data/skipped_rows/...
+    equal_steps: EqualSteps = EqualSteps.drop  # train steps per epoch, equal on every rank
+    num_workers: int = 0  # workers per rank building shuffle windows (0: in the training loop)
+    worker_type: WorkerType = WorkerType.thread
+    prefetch_factor: int = 2  # shuffle windows (or row groups) each worker prepares ahead
+    shuffle: ShuffleConfig = field(default_factory=ShuffleConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Batch(Pipelineable):
     labels:  [B, T] float32, in the order of `data.tasks`; meaningless where masks is False.
     masks:   [B, T] bool or None (None: every label exists).
     weights: [B, T] float32 or None (None: every row weighs 1).
+    row_ids: [B] int64 or None: the `data.row_id` column when configured (-1 on padding rows).
 
     Example:
         >>> b = Batch(dense=torch.zeros(2, 3), sparse=kjt, labels=torch.zeros(2, 1))
@@ -33,6 +34,7 @@ class Batch(Pipelineable):
     labels: torch.Tensor
     masks: Optional[torch.Tensor] = None
     weights: Optional[torch.Tensor] = None
+    row_ids: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -48,13 +50,14 @@ class Batch(Pipelineable):
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             masks=move(self.masks),
             weights=move(self.weights),
+            row_ids=move(self.row_ids),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.dense.record_stream(stream)
         self.sparse.record_stream(stream)
         self.labels.record_stream(stream)
-        for t in (self.masks, self.weights):
+        for t in (self.masks, self.weights, self.row_ids):
             if t is not None:
                 t.record_stream(stream)
 
@@ -65,4 +68,5 @@ class Batch(Pipelineable):
             labels=self.labels.pin_memory(),
             masks=None if self.masks is None else self.masks.pin_memory(),
             weights=None if self.weights is None else self.weights.pin_memory(),
+            row_ids=None if self.row_ids is None else self.row_ids.pin_memory(),
         )
