@@ -17,15 +17,19 @@ import torch
 
 @dataclass
 class DispatchPlan:
-    """The active pairs, sorted by expert.
+    """The active pairs, sorted by expert, and which tasks use each of them.
 
     example_ids: [P] example of each pair; expert_ids: [P] its expert (non-decreasing);
-    counts: pairs per expert (host ints, N of them).
+    counts: pairs per expert (host ints, N of them);
+    use_pairs, use_tasks: [Q] the (pair, task) uses with a nonzero weight (Q <= T * P): combine
+    touches only those, not every task for every pair of the union.
     """
 
     example_ids: torch.Tensor
     expert_ids: torch.Tensor
     counts: list[int]
+    use_pairs: torch.Tensor
+    use_tasks: torch.Tensor
 
     @property
     def num_pairs(self) -> int:
@@ -41,10 +45,12 @@ class LocalDispatcher:
 
     def plan(self, weights_TBN: torch.Tensor) -> DispatchPlan:
         """Pairs (b, e) with weights_TBN[t, b, e] != 0 for some task t (the union over tasks)."""
-        active_NB = (weights_TBN != 0).any(0).t()
-        counts = active_NB.sum(1).tolist()  # one host sync: the group sizes are needed on the host
+        nonzero_TBN = weights_TBN != 0
+        active_NB = nonzero_TBN.any(0).t()
+        counts = active_NB.sum(1).tolist()  # host sync: the group sizes are needed on the host
         expert_ids, example_ids = active_NB.nonzero(as_tuple=True)  # row-major: sorted by expert
-        return DispatchPlan(example_ids=example_ids, expert_ids=expert_ids, counts=counts)
+        use_tasks, use_pairs = nonzero_TBN[:, example_ids, expert_ids].nonzero(as_tuple=True)
+        return DispatchPlan(example_ids, expert_ids, counts, use_pairs, use_tasks)
 
     def dispatch(self, x_BD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """x rows of every pair, grouped by expert: [P, D]."""
@@ -55,7 +61,8 @@ class LocalDispatcher:
     ) -> torch.Tensor:
         """y[t, b] = sum over pairs (b, e) of weights[t, b, e] * f(pair): [T, B, O]."""
         T, B, _ = weights_TBN.shape
-        w_TP = weights_TBN[:, plan.example_ids, plan.expert_ids]
-        contrib_TPO = w_TP.unsqueeze(-1) * f_PO.unsqueeze(0)
-        y = f_PO.new_zeros(T, B, f_PO.shape[1])
-        return y.index_add(1, plan.example_ids, contrib_TPO)
+        examples = plan.example_ids[plan.use_pairs]
+        w_Q = weights_TBN[plan.use_tasks, examples, plan.expert_ids[plan.use_pairs]]
+        rows_QO = f_PO.index_select(0, plan.use_pairs) * w_Q.unsqueeze(-1)
+        y = f_PO.new_zeros(T * B, f_PO.shape[1])
+        return y.index_add(0, plan.use_tasks * B + examples, rows_QO).view(T, B, -1)
