@@ -52,3 +52,13 @@ class Gate(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, x_BD: torch.Tensor) -> GateOutput: ...
+
+
+def check_k(num_experts: int, k: int) -> None:
+    """The checks every k-sparse gate shares, naming the config keys."""
+    if num_experts < 1:
+        raise ValueError(f"model.num_experts ({num_experts}) must be >= 1")
+    if k < 1:
+        raise ValueError(f"model.gate.k ({k}) must be >= 1")
+    if k > num_experts:
+        raise ValueError(f"model.gate.k ({k}) must be <= model.num_experts ({num_experts})")

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_moe.moe.gates.base import Gate, GateOutput
+from recsys_moe.moe.gates.base import Gate, GateOutput, check_k
 
 ENTROPY_EPS = 1e-6  # inside the log of the entropy regulariser, as in the reference
 
@@ -205,12 +205,7 @@ class DSelectKGate(Gate):
 
 
 def _check(num_experts: int, k: int, gamma: float, entropy_reg: float, warmup: int) -> None:
-    if num_experts < 1:
-        raise ValueError(f"model.num_experts ({num_experts}) must be >= 1")
-    if k < 1:
-        raise ValueError(f"model.gate.k ({k}) must be >= 1")
-    if k > num_experts:
-        raise ValueError(f"model.gate.k ({k}) must be <= model.num_experts ({num_experts})")
+    check_k(num_experts, k)
     if not gamma > 0:
         raise ValueError(f"model.gate.gamma ({gamma}) must be > 0")
     if entropy_reg < 0:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_moe.moe.gates.base import Gate, GateOutput
+from recsys_moe.moe.gates.base import Gate, GateOutput, check_k
 
 
 class TopKGate(Gate):
@@ -39,10 +39,7 @@ class TopKGate(Gate):
         noise: bool = False,
     ) -> None:
         super().__init__(num_experts)
-        if k < 1:
-            raise ValueError(f"model.gate.k ({k}) must be >= 1")
-        if k > num_experts:
-            raise ValueError(f"model.gate.k ({k}) must be <= model.num_experts ({num_experts})")
+        check_k(num_experts, k)
         self.k = k
         self.per_example = per_example
         self.noise = noise

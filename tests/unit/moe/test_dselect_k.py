@@ -17,15 +17,6 @@ from recsys_moe.moe.gates.dselect_k import (
     smooth_step,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 # ------------------------------------------------------------------------------ smooth-step
 
 

@@ -15,14 +15,6 @@ from recsys_moe.moe.layer import MultiTaskMoE
 B, D, N, T, OUT = 48, 10, 16, 4, 6  # examples, input width, experts, tasks, expert output
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _dselect_gates(per_example: bool):
     gates = []
     for t in range(T):
