@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import synthetic_data_config
-
 from recsys_moe.config.schema import DataConfig
+from tests.conftest import synthetic_data_config
 
 
 def data_config(path: Path, **overrides) -> DataConfig:

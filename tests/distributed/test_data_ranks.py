@@ -7,9 +7,9 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tests_support import data_config
 
 from recsys_moe.data.loader import SplitInput
+from tests.tests_support import data_config
 
 WORLD = 2
 

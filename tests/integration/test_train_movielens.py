@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from conftest import CONF
 from hydra import compose, initialize_config_dir
-from movielens_fixtures import write_100k
 
 from recsys_moe.config.store import register, to_typed
 from recsys_moe.data.movielens import convert
 from recsys_moe.trainer import Trainer
+from tests.conftest import CONF
+from tests.movielens_fixtures import write_100k
 
 
 def test_train_a_few_steps_on_movielens(tmp_path):

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import CONF
 from omegaconf import OmegaConf
 
 from recsys_moe.config.schema import DataConfig
 from recsys_moe.data.criteo import CAT_COLUMNS, INT_COLUMNS, convert, main
 from recsys_moe.data.loader import SplitInput
 from recsys_moe.data.parquet import hash_ids
+from tests.conftest import CONF
 
 
 def _line(label, ints, cats) -> str:

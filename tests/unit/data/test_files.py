@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests_support import data_config
 
 from recsys_moe.data.files import DataError, locate_split, resolve_split
 from recsys_moe.data.loader import SplitInput
+from tests.tests_support import data_config
 
 
 def _touch(path, rows=1):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests_support import data_config
 
 from recsys_moe.data.files import RowGroup
 from recsys_moe.data.loader import SplitInput, assign_units
+from tests.tests_support import data_config
 
 
 def _epoch_ids(inp: SplitInput) -> list[list[int]]:

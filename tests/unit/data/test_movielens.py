@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from movielens_fixtures import FLAGS, RATINGS, write_1m, write_100k
 
 from recsys_moe.data.movielens import TABLE_SIZES, convert, main
+from tests.movielens_fixtures import FLAGS, RATINGS, write_1m, write_100k
 
 # Hand-computed. Users: 1 = 24 y/o (bucket 1 = 18-24), M, technician (20th of u.occupation ->
 # id 20), zip 857.. (-> 858); 2 = 53 (bucket 5 = 50-55), F, other (14th -> 14), Canadian zip
