@@ -238,7 +238,6 @@ class Trainer:
             "step": float(self.step),
             **eval_metrics,
             "train/samples_per_sec": samples / max(train_time, 1e-9),
-            "train/dropped_rows_per_epoch": float(self.train_data.dropped_rows),
             **self.train_data.metrics(env.group),
         }
         for sink in self.sinks:

@@ -38,19 +38,23 @@ def converged_gates(n: int, k: int, tasks: int, dim: int) -> list[DSelectKGate]:
     return gates
 
 
+def _fwd_bwd(module: torch.nn.Module, forward, grad: torch.Tensor):
+    """One timed call: zero the module's gradients, run forward, backpropagate `grad`."""
+
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        forward().backward(grad)
+
+    return run
+
+
 def bench_gates(n: int, k: int, batch: int, dim: int, repeats: int) -> dict[str, float]:
     x = torch.randn(batch, dim, requires_grad=True)
     gates = {"softmax": SoftmaxGate(n, dim), "dselect_k": DSelectKGate(n, dim, k=k)}
     grad = torch.randn(batch, n)
 
-    def arm(gate):
-        def run():
-            gate.zero_grad(set_to_none=True)
-            gate(x).weights.backward(grad)
-
-        return run
-
-    times = measure({name: arm(g) for name, g in gates.items()}, repeats)
+    arms = {name: _fwd_bwd(g, lambda g=g: g(x).weights, grad) for name, g in gates.items()}
+    times = measure(arms, repeats)
     soft, dsk = median_ms(times["softmax"]), median_ms(times["dselect_k"])
     return {
         "softmax_gate_ms": soft,
@@ -75,14 +79,8 @@ def bench_layer(
         w = torch.stack([g(x).weights for g in gates])
         active_per_example = (w != 0).any(0).sum(-1).double().mean().item()
 
-    def arm(layer):
-        def run():
-            layer.zero_grad(set_to_none=True)
-            layer(x).y.backward(grad)
-
-        return run
-
-    times = measure({name: arm(layer) for name, layer in layers.items()}, repeats)
+    arms = {name: _fwd_bwd(m, lambda m=m: m(x).y, grad) for name, m in layers.items()}
+    times = measure(arms, repeats)
     dense, sparse = median_ms(times["dense"]), median_ms(times["sparse"])
     ideal = active_per_example / n
     return {

@@ -83,10 +83,12 @@ class MultiTaskMoE(nn.Module):
         w_TBN = torch.stack([o.weights for o in outs])
         mode = self.compute
         stats: dict[str, torch.Tensor] = {}
+        nonzero_TBN = None
         if mode == ExpertCompute.auto:
             mode = ExpertCompute.dense
             if self.any_sparse_gate:
-                frac = (w_TBN != 0).any(0).float().mean()
+                nonzero_TBN = w_TBN.detach() != 0  # reused by the plan below
+                frac = nonzero_TBN.any(0).float().mean()
                 stats["active_fraction"] = frac
                 if frac.item() <= self.sparse_max_active_fraction:  # host sync: picks the path
                     mode = ExpertCompute.sparse
@@ -95,7 +97,7 @@ class MultiTaskMoE(nn.Module):
             f_NBO = self.experts(x_BD)
             y_TBO = torch.einsum("tbn,nbo->tbo", w_TBN, f_NBO)
         else:
-            plan = self.dispatcher.plan(w_TBN.detach())
+            plan = self.dispatcher.plan(w_TBN.detach(), nonzero_TBN)
             f_PO = self.experts.forward_grouped(self.dispatcher.dispatch(x_BD, plan), plan.counts)
             y_TBO = self.dispatcher.combine(f_PO, w_TBN, plan)
             stats["active_fraction"] = x_BD.new_tensor(

@@ -43,9 +43,14 @@ class LocalDispatcher:
     >>> y_TBO = d.combine(experts.forward_grouped(d.dispatch(x_BD, plan), plan.counts), weights_TBN, plan)
     """
 
-    def plan(self, weights_TBN: torch.Tensor) -> DispatchPlan:
-        """Pairs (b, e) with weights_TBN[t, b, e] != 0 for some task t (the union over tasks)."""
-        nonzero_TBN = weights_TBN != 0
+    def plan(
+        self, weights_TBN: torch.Tensor, nonzero_TBN: torch.Tensor | None = None
+    ) -> DispatchPlan:
+        """Pairs (b, e) with weights_TBN[t, b, e] != 0 for some task t (the union over tasks).
+
+        nonzero_TBN: weights_TBN != 0, when the caller has it already."""
+        if nonzero_TBN is None:
+            nonzero_TBN = weights_TBN != 0
         active_NB = nonzero_TBN.any(0).t()
         counts = active_NB.sum(1).tolist()  # host sync: the group sizes are needed on the host
         expert_ids, example_ids = active_NB.nonzero(as_tuple=True)  # row-major: sorted by expert
