@@ -152,19 +152,43 @@ def _gate_math(gate, z, alpha):
     """The gate's forward from explicit logits, through the module's own functions."""
     r = selector_outputs(smooth_step(z, gate.gamma), gate.num_experts)
     w = (torch.softmax(alpha, -1).unsqueeze(-1) * r).sum(-2)
-    reg = gate.entropy_reg * entropy(r).sum(-1).mean() + (1.0 / r.sum(-1)).sum(-1).mean()
+    reg = gate.entropy_reg * entropy(r).sum(-1).mean()
+    if gate.num_experts != 2**gate.num_bits:
+        reg = reg + (1.0 / r.sum(-1)).sum(-1).mean()
     return w, reg
 
 
-def test_module_forward_equals_the_math_and_its_gradients():
-    gate = _gate(n=6, k=2, per_example=True, entropy_reg=0.3)
+@pytest.mark.parametrize("per_example", [True, False])
+@pytest.mark.parametrize("n", [6, 8, 16])
+def test_module_forward_equals_the_math_and_its_gradients(per_example, n):
+    """The module (hand-written backward) against autograd through the plain formulas, in a
+    state where some bits are saturated and others are not, for weights and regulariser."""
+    gate = _gate(n=n, k=2, per_example=per_example, entropy_reg=0.3)
     gate.train()
-    x = torch.randn(5, 6)
-    out = gate(x)
-    z, alpha = gate.logits(x)
+    with torch.no_grad():  # logits spread over [-2, 2] with gamma = 1: about half saturated
+        for p in gate.parameters():
+            p.uniform_(-1.0, 1.0)
+        if n != 2**gate.num_bits:  # the MSB saturated at 0: no mass on the unreachable codes
+            msb = torch.arange(gate.k) * gate.num_bits
+            if per_example:
+                gate.proj.weight[msb] = 0.0
+                gate.proj.bias[msb] = -5.0
+            else:
+                gate.z[:, 0] = -5.0
+    x = torch.randn(7, 6)
+    ps = list(gate.parameters())
+    z, alpha = _logits_from(gate, x, ps)
+    assert (z.abs() >= 0.5).any() and (z.abs() < 0.5).any()  # mixed saturation
     w, reg = _gate_math(gate, z, alpha)
-    torch.testing.assert_close(out.weights, w)
-    torch.testing.assert_close(out.aux_loss, reg)
+    out = gate(x)
+    torch.testing.assert_close(out.weights, w.expand_as(out.weights), rtol=0, atol=1e-15)
+    torch.testing.assert_close(out.aux_loss, reg, rtol=1e-14, atol=0)
+
+    g_w = torch.randn_like(out.weights)
+    mine = torch.autograd.grad((out.weights * g_w).sum() + out.aux_loss, ps)
+    ref = torch.autograd.grad((w.expand_as(g_w) * g_w).sum() + reg, ps)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_zero_weight_means_zero_gradient_with_mixed_saturation():
