@@ -27,6 +27,7 @@ def build_gate(cfg: GateConfig, num_experts: int, in_dim: int) -> Gate:
             gamma=cfg.gamma,
             per_example=cfg.per_example,
             entropy_reg=cfg.entropy_reg,
+            entropy_start_step=cfg.entropy_start_step,
             entropy_warmup_steps=cfg.entropy_warmup_steps,
         )
     raise ValueError(f"model.gate.type ({cfg.type}) is not a known gate")

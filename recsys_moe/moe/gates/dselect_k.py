@@ -15,8 +15,9 @@ The method, as in ../shared/DSELECT_K.md and the authors' reference Keras layer:
 Regularisers (training only), returned as GateOutput.aux_loss:
 - entropy: lambda * mean over the batch of sum_i H(r(z_i)), H(r) = -sum_e r_e log(r_e + 1e-6).
   The reference SUMS over the batch, which ties lambda to the batch size; we average, so
-  lambda(batch B) here = lambda_reference * B. lambda ramps linearly from 0 over
-  `entropy_warmup_steps` training forward calls (a persistent counter, so resuming keeps it);
+  lambda(batch B) here = lambda_reference * B. lambda is 0 for the first `entropy_start_step`
+  training forward calls, then ramps linearly from 0 over `entropy_warmup_steps` more (a
+  persistent counter, so resuming keeps it): the reference's schedule_fn(num_calls), in two knobs;
 - reachability (N not a power of two): mean over the batch of sum_i 1 / sum_e r(z_i)_e, with
   coefficient 1 as in the reference (also summed over the batch there), so selectors do not park
   their mass on unreachable codes.
@@ -101,14 +102,16 @@ class DSelectKGate(Gate):
         per_example: bool = True,
         entropy_reg: float = 0.0,
         entropy_warmup_steps: int = 0,
+        entropy_start_step: int = 0,
     ) -> None:
         super().__init__(num_experts)
-        _check(num_experts, k, gamma, entropy_reg, entropy_warmup_steps)
+        _check(num_experts, k, gamma, entropy_reg, entropy_warmup_steps, entropy_start_step)
         self.k = k
         self.gamma = gamma
         self.per_example = per_example
         self.entropy_reg = entropy_reg
         self.entropy_warmup_steps = entropy_warmup_steps
+        self.entropy_start_step = entropy_start_step
         self.num_bits = num_bits(num_experts)
         self.power_of_two = num_experts == 2**self.num_bits
         if per_example:
@@ -164,12 +167,13 @@ class DSelectKGate(Gate):
         return u, out[:, km:]
 
     def current_entropy_reg(self) -> torch.Tensor:
-        """lambda now: ramps linearly from 0 to entropy_reg over the warm-up (a device tensor, so
-        reading it never syncs the host)."""
+        """lambda now: 0 before `entropy_start_step`, then a linear ramp from 0 to entropy_reg over
+        `entropy_warmup_steps` training calls (a device tensor: reading it never syncs the host)."""
         lam = torch.full((), self.entropy_reg, device=self.num_calls.device)
+        since = (self.num_calls - self.entropy_start_step).float()
         if self.entropy_warmup_steps > 0:
-            lam = lam * (self.num_calls.float() / self.entropy_warmup_steps).clamp(max=1.0)
-        return lam
+            return lam * (since / self.entropy_warmup_steps).clamp(0.0, 1.0)
+        return lam * (since >= 0).float()
 
     def forward(self, x_BD: torch.Tensor) -> GateOutput:
         u, alpha = self._window_and_alpha(x_BD)
@@ -204,7 +208,9 @@ class DSelectKGate(Gate):
         return GateOutput(weights=w, aux_loss=aux, stats_fn=stats)
 
 
-def _check(num_experts: int, k: int, gamma: float, entropy_reg: float, warmup: int) -> None:
+def _check(
+    num_experts: int, k: int, gamma: float, entropy_reg: float, warmup: int, start: int
+) -> None:
     check_k(num_experts, k)
     if not gamma > 0:
         raise ValueError(f"model.gate.gamma ({gamma}) must be > 0")
@@ -212,3 +218,5 @@ def _check(num_experts: int, k: int, gamma: float, entropy_reg: float, warmup: i
         raise ValueError(f"model.gate.entropy_reg ({entropy_reg}) must be >= 0")
     if warmup < 0:
         raise ValueError(f"model.gate.entropy_warmup_steps ({warmup}) must be >= 0")
+    if start < 0:
+        raise ValueError(f"model.gate.entropy_start_step ({start}) must be >= 0")

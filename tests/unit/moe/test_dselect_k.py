@@ -287,10 +287,35 @@ def test_entropy_regulariser_is_a_batch_mean_with_a_warmup_ramp():
     assert gate(x).aux_loss.item() == 0.0 and gate.num_calls.item() == 7
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_entropy_regulariser_starts_at_its_start_step(warmup):
+    gate = _gate(
+        n=8,
+        k=2,
+        per_example=True,
+        entropy_reg=0.4,
+        entropy_start_step=3,
+        entropy_warmup_steps=warmup,
+    )
+    gate.train()
+    x = torch.randn(10, 6)
+    regs = [gate(x).aux_loss.item() for _ in range(7)]
+    lams = [gate.current_entropy_reg().item()]
+    z, _ = gate.logits(x)
+    h = entropy(selector_outputs(smooth_step(z, gate.gamma), 8)).sum(-1).mean().item()
+    # call c (0-based): lambda = 0 before c = 3, then 0.4 * min(1, (c - 3) / warmup)
+    want = [
+        0.4 * (min(1, (c - 3) / warmup) if warmup else 1.0) if c >= 3 else 0.0 for c in range(7)
+    ]
+    assert regs == pytest.approx([lam * h for lam in want], rel=1e-12, abs=0)
+    assert lams == pytest.approx([0.4])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(num_experts=0), "model.num_experts (0)"),
+        (dict(entropy_start_step=-1), "model.gate.entropy_start_step (-1) must be >= 0"),
         (dict(k=0), "model.gate.k (0) must be >= 1"),
         (dict(k=9), "model.gate.k (9) must be <= model.num_experts (8)"),
         (dict(gamma=0.0), "model.gate.gamma (0.0) must be > 0"),
