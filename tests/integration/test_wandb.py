@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from recsys_moe.config.schema import WandbConfig
 from recsys_moe.metrics.sinks import WandbSink
@@ -22,9 +23,16 @@ def test_wandb_offline_run_logs_the_metrics(tiny_train_config, tmp_path, monkeyp
         trainer.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    history = (runs[0] / f"run-{runs[0].name.rsplit('-', 1)[1]}.wandb").read_bytes()
-    for key in ("train/loss", "eval/click/auc", "eval/gate_heatmap"):
-        assert key.encode() in history
+    log_file = runs[0] / f"run-{runs[0].name.rsplit('-', 1)[1]}.wandb"
+    keys = [k.encode() for k in ("train/loss", "eval/click/auc", "eval/gate_heatmap")]
+    # wandb-core (a separate process) can still be flushing the transaction log when finish()
+    # returns (seen about once in 20 runs here): wait for it, up to 30 s
+    deadline = time.monotonic() + 30.0
+    while not all(k in log_file.read_bytes() for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    history = log_file.read_bytes()
+    for key in keys:
+        assert key in history
     assert (
         json.loads((tmp_path / "summary.json").read_text())["eval/click/auc"]
         == summary["eval/click/auc"]
