@@ -162,7 +162,7 @@ class ModelConfig:
         default_factory=lambda: [64, 32]
     )  # dense features -> these widths
     num_experts: int = 8
-    expert_hidden: list[int] = field(default_factory=lambda: [128])
+    expert_hidden: list[int] = field(default_factory=lambda: [256])
     expert_dim: int = 64  # width of each expert's output
     tower: list[int] = field(default_factory=lambda: [64])  # per-task tower hidden widths
     dropout: float = 0.0  # in experts and towers
