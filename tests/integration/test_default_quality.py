@@ -41,6 +41,6 @@ def test_default_config_on_default_data_meets_the_bar(default_data, tmp_path, ga
                 summary
             )
         if gate == "dselect_k":
-            # a few unseen examples may sit inside the window of some bit (README: "Gates")
+            # a few unseen examples may sit inside the window of some bit (README, "The mixture-of-experts trunk")
             assert summary[f"eval/gate/{task.name}/active_experts"] <= cfg.model.gate.k + 0.01
             assert summary[f"eval/gate/{task.name}/saturated_fraction"] >= 0.99
