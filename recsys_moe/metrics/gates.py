@@ -10,7 +10,8 @@ across ranks and from naming. compute() returns flat keys:
 - gate/<task>/entropy: entropy of the mixture weights, averaged per example;
 - gate/<task>/selected/<e>: fraction of examples giving expert e a nonzero weight;
 - gate/<task>/weight/<e>: mean weight of expert e;
-- gate/<task>/<stat>: the gate's own stats averaged over batches (DSelect-k:
+- gate/<task>/<stat>: the gate's own per-batch stats averaged over examples (each batch weighted by
+  its size, summed over ranks by reduce(); DSelect-k:
   saturated_fraction, selector_entropy, entropy_reg);
 - expert/<e>/load: fraction of examples expert e is computed on (union over tasks);
 - moe/active_fraction (where measured) and moe/sparse_fraction (batches on the sparse path).
@@ -64,6 +65,7 @@ class GateTelemetry:
         any_nonzero = None
         for t, g in enumerate(gates):
             w = g.weights
+            rows = w.shape[0]
             nz = w != 0
             self.selected[t] += nz.sum(0)
             self.weight[t] += w.sum(0)
@@ -72,8 +74,8 @@ class GateTelemetry:
             self.entropy[t] += torch.special.entr(w).sum()
             self.used[t] |= nz.any(0)
             any_nonzero = nz if any_nonzero is None else any_nonzero | nz
-            for k, v in g.stats.items():
-                self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double()
+            for k, v in g.stats.items():  # batch means, weighted by the batch's examples
+                self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
         if any_nonzero is not None:
             self.load += any_nonzero.sum(0)
             self.examples += any_nonzero.shape[0]
@@ -92,6 +94,11 @@ class GateTelemetry:
         dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
         self.used = used.bool()
         dist.all_reduce(self.max_active, op=dist.ReduceOp.MAX, group=group)
+        for stats in self.stats:  # every rank runs the same gates: the same keys
+            for k in sorted(stats):
+                v = torch.as_tensor(stats[k], dtype=torch.float64, device=self.device)
+                dist.all_reduce(v, group=group)
+                stats[k] = v
         counts = torch.tensor([self.examples], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=group)
         self.examples = int(counts.item())
@@ -118,7 +125,7 @@ class GateTelemetry:
             out[f"{p}/experts_used"] = float(used[t])
             out[f"{p}/entropy"] = ent[t]
             for k, v in self.stats[t].items():
-                out[f"{p}/{k}"] = float(v) / self.batches
+                out[f"{p}/{k}"] = float(v) / n
             for e in range(self.num_experts):
                 out[f"{p}/selected/{e}"] = sel[t, e].item()
                 out[f"{p}/weight/{e}"] = wts[t, e].item()

@@ -38,7 +38,8 @@ def test_counts_and_means_over_batches():
     assert m["gate/a/entropy"] == pytest.approx(
         (0 + 2 * 0.5 * torch.log(torch.tensor(2.0)).item() + 0) / 3
     )
-    assert m["gate/a/saturated_fraction"] == pytest.approx(0.75)  # mean over batches
+    # mean over examples: batch means weighted by batch size
+    assert m["gate/a/saturated_fraction"] == pytest.approx((2 * 0.5 + 1 * 1.0) / 3)
     assert "gate/b/saturated_fraction" not in m
     # expert load: union over tasks per example: ex1 {0,2}, ex2 {0,1,2}, ex3 {1,2}
     assert [m[f"expert/{e}/load"] for e in range(3)] == pytest.approx([2 / 3, 2 / 3, 1.0])
