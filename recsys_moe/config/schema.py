@@ -148,7 +148,7 @@ class GateConfig:
     k: int = 2  # topk / dselect_k: the most experts one gate may select
     gamma: float = 1.0  # dselect_k: width of the smooth-step window
     entropy_reg: float = 0.0  # dselect_k: lambda of the selectors' entropy regulariser (batch mean)
-    entropy_start_step: int = 0  # dselect_k: lambda is 0 before this training step
+    entropy_start_step: int = 0  # dselect_k: lambda is 0 for this many training steps
     entropy_warmup_steps: int = 0  # dselect_k: then ramps linearly from 0 over these steps
     noise: bool = (
         False  # topk: Shazeer et al.'s trainable Gaussian noise on the logits (training only)

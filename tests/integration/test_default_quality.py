@@ -1,8 +1,8 @@
 """The README's promise: the default job on the default synthetic data reaches the quality bar
 (binary AUC >= 0.70, regression RMSE below the mean baseline), with the default softmax gate and
 with the default DSelect-k gate, which must also end k-sparse: every task at <= k active experts
-per eval example on average, with its selectors saturated (outside the smooth-step window) on at
-least 99% of the eval examples. About 40 s per gate on 2 cores."""
+per eval example on average, with at least 99% of its (example, selector) pairs saturated (every
+bit outside the smooth-step window). About 40 s per gate on 2 cores."""
 
 from __future__ import annotations
 
@@ -41,6 +41,6 @@ def test_default_config_on_default_data_meets_the_bar(default_data, tmp_path, ga
                 summary
             )
         if gate == "dselect_k":
-            # a few unseen examples may sit inside the window of some bit (README, "The mixture-of-experts trunk")
+            # a few unseen examples may sit inside the window of some bit (README, MoE section)
             assert summary[f"eval/gate/{task.name}/active_experts"] <= cfg.model.gate.k + 0.01
             assert summary[f"eval/gate/{task.name}/saturated_fraction"] >= 0.99

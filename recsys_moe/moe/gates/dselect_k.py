@@ -101,11 +101,11 @@ class DSelectKGate(Gate):
         gamma: float = 1.0,
         per_example: bool = True,
         entropy_reg: float = 0.0,
-        entropy_warmup_steps: int = 0,
         entropy_start_step: int = 0,
+        entropy_warmup_steps: int = 0,
     ) -> None:
         super().__init__(num_experts)
-        _check(num_experts, k, gamma, entropy_reg, entropy_warmup_steps, entropy_start_step)
+        _check(num_experts, k, gamma, entropy_reg, entropy_start_step, entropy_warmup_steps)
         self.k = k
         self.gamma = gamma
         self.per_example = per_example
@@ -126,7 +126,7 @@ class DSelectKGate(Gate):
         else:
             self.z = nn.Parameter(torch.empty(k, self.num_bits))
             self.alpha = nn.Parameter(torch.empty(k))
-        # training forward calls so far: drives the entropy warm-up; saved with the model
+        # training forward calls so far: drives lambda's start and ramp; saved with the model
         self.register_buffer("num_calls", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
@@ -167,8 +167,10 @@ class DSelectKGate(Gate):
         return u, out[:, km:]
 
     def current_entropy_reg(self) -> torch.Tensor:
-        """lambda now: 0 before `entropy_start_step`, then a linear ramp from 0 to entropy_reg over
-        `entropy_warmup_steps` training calls (a device tensor: reading it never syncs the host)."""
+        """lambda now: 0 for the first `entropy_start_step` training calls, then a linear ramp
+        from 0 to entropy_reg over `entropy_warmup_steps` more (a device tensor: reading it never
+        syncs the host). Training call c (counted from 0) uses
+        entropy_reg * clamp((c - start) / warmup, 0, 1), or a step at c = start if warmup is 0."""
         lam = torch.full((), self.entropy_reg, device=self.num_calls.device)
         since = (self.num_calls - self.entropy_start_step).float()
         if self.entropy_warmup_steps > 0:
@@ -209,7 +211,7 @@ class DSelectKGate(Gate):
 
 
 def _check(
-    num_experts: int, k: int, gamma: float, entropy_reg: float, warmup: int, start: int
+    num_experts: int, k: int, gamma: float, entropy_reg: float, start: int, warmup: int
 ) -> None:
     check_k(num_experts, k)
     if not gamma > 0:

@@ -49,6 +49,34 @@ def test_every_group_option_composes(group, option):
     _compose(f"{group}={option}")
 
 
+def test_gate_config_reaches_the_gate():
+    """Every model.gate key of the composed DSelect-k config arrives in the built gate."""
+    from recsys_moe.moe.gates import DSelectKGate, build_gate
+
+    cfg = _compose(
+        "model/gate=dselect_k",
+        "model.gate.k=3",
+        "model.gate.gamma=0.7",
+        "model.gate.per_example=false",
+        "model.gate.entropy_reg=0.2",
+        "model.gate.entropy_start_step=11",
+        "model.gate.entropy_warmup_steps=13",
+    )
+    gate = build_gate(cfg.model.gate, cfg.model.num_experts, in_dim=5)
+    assert isinstance(gate, DSelectKGate)
+    got = (gate.k, gate.gamma, gate.per_example, gate.entropy_reg)
+    assert got == (3, 0.7, False, 0.2)
+    assert (gate.entropy_start_step, gate.entropy_warmup_steps) == (11, 13)
+    default = _compose("model/gate=dselect_k").model.gate  # the README's documented default
+    assert (default.per_example, default.k, default.gamma, default.entropy_reg) == (
+        True,
+        2,
+        0.5,
+        3.0,
+    )
+    assert (default.entropy_start_step, default.entropy_warmup_steps) == (600, 100)
+
+
 def test_unknown_key_fails_naming_it():
     with pytest.raises(ConfigCompositionException, match=r"model\.expert_dimm"):
         _compose("model.expert_dimm=3")

@@ -161,8 +161,9 @@ def _gate_math(gate, z, alpha):
 @pytest.mark.parametrize("per_example", [True, False])
 @pytest.mark.parametrize("n", [6, 8, 16])
 def test_module_forward_equals_the_math_and_its_gradients(per_example, n):
-    """The module (hand-written backward) against autograd through the plain formulas, in a
-    state where some bits are saturated and others are not, for weights and regulariser."""
+    """The module (its affine map with 1/gamma and 1/2 folded in) against smooth_step of the
+    plain logits, values and gradients, in a state where some bits are saturated and others are
+    not, for the weights and the regulariser."""
     gate = _gate(n=n, k=2, per_example=per_example, entropy_reg=0.3)
     gate.train()
     with torch.no_grad():  # logits spread over [-2, 2] with gamma = 1: about half saturated
