@@ -2,41 +2,24 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from recsys_moe.data.loader import SplitInput
-from tests.tests_support import data_config
+from tests.tests_support import data_config, run_gloo_ranks
 
 WORLD = 2
 
 
-def _rank(rank: int, path: str, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        cfg = data_config(path, batch_size=64, num_workers=1)
-        inp = SplitInput(cfg, "train", rank, WORLD, dist.group.WORLD)
-        ids = [b.row_ids.tolist() for b, _ in inp.batches()]
-        out[rank] = (inp.steps, ids, inp.metrics(dist.group.WORLD))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank: int, path: str) -> tuple:
+    cfg = data_config(path, batch_size=64, num_workers=1)
+    inp = SplitInput(cfg, "train", rank, WORLD, dist.group.WORLD)
+    ids = [b.row_ids.tolist() for b, _ in inp.batches()]
+    return inp.steps, ids, inp.metrics(dist.group.WORLD)
 
 
 def test_gloo_ranks_equal_simulated_ranks(tiny_data):
-    out = mp.Manager().dict()
-    mp.spawn(_rank, args=(str(tiny_data), _free_port(), out), nprocs=WORLD, join=True)
+    out = run_gloo_ranks(_rank, WORLD, str(tiny_data))
     cfg = data_config(tiny_data, batch_size=64, num_workers=1)
     for rank in range(WORLD):
         sim = SplitInput(cfg, "train", rank, WORLD)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from recsys_moe.metrics.gates import GateTelemetry
 from recsys_moe.moe.gates import DSelectKGate
+from tests.tests_support import run_gloo_ranks
 
 WORLD = 2
 TASKS = ["a", "b"]
@@ -36,30 +34,16 @@ def _update(tel: GateTelemetry, gates, x: torch.Tensor) -> None:
         tel.update([g.eval()(x) for g in gates])
 
 
-def _rank(rank: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        tel, gates = GateTelemetry(TASKS, 8, torch.device("cpu")), _gates()
-        for x in _batches(rank):
-            _update(tel, gates, x)
-        tel.reduce(dist.group.WORLD)
-        out[rank] = tel.compute()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank: int) -> dict[str, float]:
+    tel, gates = GateTelemetry(TASKS, 8, torch.device("cpu")), _gates()
+    for x in _batches(rank):
+        _update(tel, gates, x)
+    tel.reduce(dist.group.WORLD)
+    return tel.compute()
 
 
 def test_reduced_telemetry_equals_the_single_process_one():
-    out = mp.Manager().dict()
-    mp.spawn(_rank, args=(_free_port(), out), nprocs=WORLD, join=True)
+    out = run_gloo_ranks(_rank, WORLD)
     tel, gates = GateTelemetry(TASKS, 8, torch.device("cpu")), _gates()
     for rank in range(WORLD):
         for x in _batches(rank):
