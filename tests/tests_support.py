@@ -11,13 +11,24 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from recsys_moe.config.schema import DataConfig
+from recsys_moe.config.schema import DataConfig, TrainConfig
 from tests.conftest import synthetic_data_config
 
 
 def data_config(path: Path, **overrides) -> DataConfig:
     """The tiny synthetic data's config with the row id carried into batches."""
     return synthetic_data_config(path, **{"row_id": "row_id", **overrides})
+
+
+def train_run(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
+    """Trains cfg to the end in run_dir and returns the summary; the trainer is always closed."""
+    from recsys_moe.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
 
 
 def run_gloo_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:

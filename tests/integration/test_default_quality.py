@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 
 from recsys_moe.config.store import register, to_typed
 from recsys_moe.data.synthetic import SyntheticSpec, write
-from recsys_moe.trainer import Trainer
 from tests.conftest import CONF
+from tests.tests_support import train_run
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,7 @@ def test_default_config_on_default_data_meets_the_bar(default_data, tmp_path, ga
     overrides = [f"data.path={default_data}", "logger=none", f"model/gate={gate}"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = to_typed(compose("train", overrides=overrides))
-    trainer = Trainer(cfg, tmp_path / "run")
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = train_run(cfg, tmp_path / "run")
     for task in cfg.data.tasks:
         if task.type.value == "binary":
             assert summary[f"eval/{task.name}/auc"] >= 0.70, summary

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from recsys_moe.config.schema import ExpertCompute, GateType
-from recsys_moe.trainer import Trainer
+from tests.tests_support import train_run
 
 
 @pytest.mark.parametrize("gate", [GateType.dselect_k, GateType.topk, GateType.softmax])
@@ -18,11 +18,7 @@ def test_gate_telemetry_is_logged(tiny_train_config, tmp_path, gate):
     cfg.model.num_experts = 6  # not a power of two: DSelect-k's reachability term is active
     cfg.model.expert_compute = ExpertCompute.auto
     cfg.trainer.eval_every = 10
-    trainer = Trainer(cfg, tmp_path)
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = train_run(cfg, tmp_path)
     names = [t.name for t in cfg.data.tasks]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train/loss" in r]

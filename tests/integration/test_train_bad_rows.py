@@ -15,6 +15,7 @@ import pytest
 from recsys_moe.config.schema import BadRows
 from recsys_moe.data.files import DataError
 from recsys_moe.trainer import Trainer
+from tests.tests_support import train_run
 
 
 @pytest.fixture
@@ -35,11 +36,7 @@ def test_skipped_rows_are_reported(tiny_train_config, data_with_bad_rows, tmp_pa
     cfg.data.path = str(data_with_bad_rows)
     cfg.data.on_bad_rows = BadRows.skip
     run = tmp_path / "run"
-    trainer = Trainer(cfg, run)
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = train_run(cfg, run)
     assert summary["data/skipped_rows/nan_label"] == 2
     assert json.loads((run / "summary.json").read_text())["data/skipped_rows/nan_label"] == 2
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

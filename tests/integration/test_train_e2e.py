@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 
-from recsys_moe.trainer import Trainer
+from tests.tests_support import train_run
 
 
 def test_short_run_writes_outputs_and_loss_falls(tiny_train_config, tmp_path):
     cfg = tiny_train_config
     cfg.trainer.epochs = 3
-    trainer = Trainer(cfg, tmp_path)
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = train_run(cfg, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) >= 4

@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 
 from recsys_moe.config.store import register, to_typed
 from recsys_moe.data.movielens import convert
-from recsys_moe.trainer import Trainer
 from tests.conftest import CONF
 from tests.movielens_fixtures import write_100k
+from tests.tests_support import train_run
 
 
 def test_train_a_few_steps_on_movielens(tmp_path):
@@ -33,11 +33,7 @@ def test_train_a_few_steps_on_movielens(tmp_path):
             ],
         )
     typed = to_typed(cfg)
-    trainer = Trainer(typed, tmp_path / "run")
-    try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+    summary = train_run(typed, tmp_path / "run")
     assert summary["step"] == 6  # 6 train rows / batch 2 x 2 epochs
     assert 0.0 <= summary["eval/watch/auc"] <= 1.0
     assert summary["eval/rating/rmse"] > 0 and "eval/rating/rmse_baseline" in summary
