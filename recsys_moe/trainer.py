@@ -1,24 +1,31 @@
-"""The trainer: build order, train loop, eval loop. It owns no model logic: it sees
-model(batch) -> (loss, outputs).
+"""The trainer: build order, a flat step loop, the eval loop. It owns no model logic: it sees
+model(batch) -> (loss, StepOutput).
 
-Build order: process group -> data (footers checked) -> model (unsharded, tables on meta)
--> sharding (TorchRec DMP, fused sparse optimizer) -> dense optimizer -> metrics and sinks.
+Build order: parallel layout (checked before anything is built) and process groups -> data
+(footers checked) -> model (unsharded, tables on meta) -> parallelise (experts over the ep
+group, loss normalised over the global batch, TorchRec shards the tables and fuses their
+optimizer, DDP for the dense rest) -> dense optimizer -> step pipeline -> metrics and sinks.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from recsys_moe.config.schema import DenseOptimConfig, TrainConfig
+from recsys_moe.config.schema import DenseOptimConfig, Pipeline, TrainConfig
+from recsys_moe.data.batch import Batch
 from recsys_moe.data.loader import SplitInput
-from recsys_moe.distributed.env import close_distributed, init_distributed
-from recsys_moe.distributed.sharding import dense_parameters, shard_model
+from recsys_moe.distributed.comm import all_reduce_, mean_over
+from recsys_moe.distributed.expert_parallel import ExpertGradSync, parallelize_experts
+from recsys_moe.distributed.parallel_dims import ParallelDims
+from recsys_moe.distributed.sharding import dense_parameters, init_tables, shard_model
 from recsys_moe.metrics.gates import GateTelemetry, save_heatmap
 from recsys_moe.metrics.sinks import (
     JsonlSink,
@@ -29,12 +36,17 @@ from recsys_moe.metrics.sinks import (
 )
 from recsys_moe.metrics.tasks import LabelMeans, TaskMetrics
 from recsys_moe.models.ranker import MultiTaskRanker
+from recsys_moe.models.training import RankerTrain, StepOutput
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: a peer rank died or stopped responding."""
 
 
 def build_dense_optimizer(
@@ -51,8 +63,30 @@ def build_dense_optimizer(
     raise ValueError(f"optim.dense.name ({cfg.name}) must be adam, adamw or sgd")
 
 
+class _StepOptimizer:
+    """What TorchRec's pipeline calls between backward and the next step: expert gradients over
+    their replicas, the dense optimizer, the LR schedule (the plain loop calls the same)."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.trainer.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        t = self.trainer
+        t._phase = "expert gradient all-reduce"
+        t.expert_grad_sync()
+        t.optimizer.step()
+        t.scheduler.step()
+
+
 class Trainer:
     """Trains and evaluates the multi-task ranker described by a TrainConfig.
+
+    data.batch_size is the global batch: every rank trains on its part, the loss is that of the
+    whole global batch, so the same job on 1, 2 or 4 ranks runs the same steps and, with the
+    same data.num_shards, computes the same model (tests/distributed/test_trainer_ranks.py).
 
     Example:
         >>> trainer = Trainer(cfg, run_dir=Path("outputs/run"))
@@ -73,17 +107,28 @@ class Trainer:
             raise ValueError(
                 f"trainer.eval_every ({tc.eval_every}) must be >= 0 (0: only at the end)"
             )
+        self._phase = "start-up"
+        self.step = 0
+        self.sinks: list[MetricSink] = []
+        self.dims = ParallelDims.from_env(cfg.parallel, cfg.model.num_experts)
+        try:
+            self._build(config_dict)
+        except BaseException:
+            self.close()
+            raise
 
-        # 1. process group and device
-        self.env = init_distributed(tc.device)
-        self.device = self.env.device
-        torch.manual_seed(tc.seed)
+    def _build(self, config_dict: Optional[dict[str, Any]]) -> None:
+        cfg, tc = self.cfg, self.cfg.trainer
+        # 1. parallel layout (degrees checked against the model in __init__) and groups: degrees checked against the model before anything is built
+        self.dims.init(tc.device, tc.collective_timeout_s)
+        dims, self.device = self.dims, self.dims.device
+        torch.manual_seed(tc.seed)  # the same on every rank: every rank builds the same model
 
         # 2. data: every file's footer is checked before anything else is built
-        env = self.env
         pin = self.device.type == "cuda"
-        self.train_data = SplitInput(cfg.data, "train", env.rank, env.world_size, env.group, pin)
-        self.eval_data = SplitInput(cfg.data, "eval", env.rank, env.world_size, env.group, pin)
+        world, group = dims.world_size, dims.world_group
+        self.train_data = SplitInput(cfg.data, "train", dims.rank, world, group, pin)
+        self.eval_data = SplitInput(cfg.data, "eval", dims.rank, world, group, pin)
         if self.train_data.dropped_rows:
             log.info(
                 "train: %d of %d rows per epoch are dropped so every rank runs %d full batches",
@@ -93,13 +138,25 @@ class Trainer:
             )
 
         # 3. model, unsharded; its tables live on meta until sharding allocates them
-        model = MultiTaskRanker(cfg.data, cfg.model, embedding_device=torch.device("meta"))
+        ranker = MultiTaskRanker(cfg.data, cfg.model, embedding_device=torch.device("meta"))
+        model = RankerTrain(ranker, cfg.model.loss_weights)
         self.task_names, self.task_types = model.task_names, model.task_types
-        self.loss_weights = model.loss_weights.tolist()
-        num_tables = len(model.sparse_arch.embedding_bag_configs()) if model.sparse_arch else 0
+        tables = ranker.sparse_arch.embedding_bag_configs() if ranker.sparse_arch else []
 
-        # 4. parallelise: TorchRec shards the tables and fuses their optimizer into backward
-        self.model = shard_model(model, env, cfg.optim.sparse)
+        # 4. parallelise
+        expert_names = set(parallelize_experts(model, dims))
+        experts = [p for n, p in model.named_parameters() if n in expert_names]
+        if world > 1:  # each rank's loss is its share of the global batch's
+            model.loss.reduce_denominators = mean_over(group)
+        self.model = shard_model(
+            model,
+            dims,
+            cfg.optim.sparse,
+            cfg.parallel.embedding_sharding_types,
+            ddp_ignore=sorted(expert_names),
+        )
+        init_tables(self.model, tables, tc.seed)
+        self.expert_grad_sync = ExpertGradSync(experts, dims)
 
         # 5. dense optimizer over everything the fused optimizer does not own
         dense = [p for _, p in dense_parameters(self.model)]
@@ -108,29 +165,47 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
+        self.step_optimizer = _StepOptimizer(self)
 
-        # 6. metrics and sinks (rank 0 writes)
+        # 6. how a step gets its batch
+        kind = tc.pipeline
+        if kind == Pipeline.auto:
+            kind = Pipeline.sparse_dist if self.device.type == "cuda" else Pipeline.plain
+        self.pipeline = None
+        if kind == Pipeline.sparse_dist:
+            from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+            self.pipeline = TrainPipelineSparseDist(
+                self.model, self.step_optimizer, self.device  # type: ignore[arg-type]
+            )
+
+        # 7. metrics and sinks (rank 0 writes)
         T = len(self.task_names)
         self.label_means = LabelMeans(T, self.device)
-        self.eval_metrics = TaskMetrics(self.task_names, self.task_types, self.loss_weights)
+        loss_weights = model.loss.loss_weights.tolist()
+        self.eval_metrics = TaskMetrics(self.task_names, self.task_types, loss_weights)
         self.train_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
         self.eval_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
-        self.sinks: list[MetricSink] = []
-        if env.is_main:
+        if dims.is_main:
             self.sinks.append(JsonlSink(self.run_dir))
             if cfg.logger.wandb.enabled:
                 self.sinks.append(WandbSink(cfg.logger.wandb, self.run_dir, config_dict or {}))
-        self.step = 0
-        n_dense = sum(p.numel() for p in dense)
         log.info(
-            "model: %d dense parameters, %d tables; %d tasks; %d train steps per epoch",
-            n_dense,
-            num_tables,
+            "model: %d dense parameters (%d of them experts) on this rank, %d tables; %d tasks; "
+            "%d train steps per epoch of %d examples (%d per rank); pipeline %s",
+            sum(p.numel() for p in dense),
+            sum(p.numel() for p in experts) if experts else sum(
+                p.numel() for p in ranker.moe.experts.parameters()
+            ),
+            len(tables),
             T,
             self.train_data.steps,
+            self.train_data.batch_size,
+            getattr(self.train_data, "local_batch_size", self.train_data.batch_size),
+            kind.value,
         )
 
-    # ------------------------------------------------------------------------------------------
+    # -- the step --------------------------------------------------------------------------------
 
     @property
     def total_steps(self) -> int:
@@ -139,98 +214,135 @@ class Trainer:
             min(per_run, self.cfg.trainer.max_steps) if self.cfg.trainer.max_steps > 0 else per_run
         )
 
-    def _log(self, metrics: dict[str, float], step: int) -> None:
-        for sink in self.sinks:
-            sink.log(metrics, step)
+    def _train_batches(self) -> Iterator[Batch]:
+        """The batches of the remaining steps, across epochs: the loader's position counts the
+        batches it has handed out, so nothing asks for a batch it would not train on."""
+        left = self.total_steps - self.step
+        while left > 0:
+            for batch, _ in self.train_data.batches():
+                yield batch
+                left -= 1
+                if left == 0:
+                    return
+
+    def train_step(self, batch: Batch) -> StepOutput:
+        """One optimizer step on this rank's part of the global batch (the plain loop)."""
+        self._phase = "forward (embedding and expert all-to-alls, loss normalisation)"
+        batch = batch.to(self.device, non_blocking=True)
+        self.step_optimizer.zero_grad()
+        loss, out = self.model(batch)
+        self._phase = "backward (DDP gradient all-reduce, embedding and expert all-to-alls)"
+        # Gradients sync here: DDP averages the dense ones over all ranks, TorchRec sends each
+        # table row's gradient to its owner (where the fused optimizer applies it), and the
+        # all-to-alls run backwards to the experts' owners. Experts are reduced in step().
+        loss.backward()
+        self.step_optimizer.step()
+        return out
+
+    # -- the loop -------------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
-        """Runs the configured epochs (or max_steps), evaluating every eval_every steps and at
-        the end. Returns the summary written to summary.json."""
-        tc, env = self.cfg.trainer, self.env
+        """Runs total_steps optimizer steps, evaluating every eval_every steps and at the end.
+        Returns the summary written to summary.json."""
+        try:
+            return self._train()
+        except (RuntimeError, dist.DistError) as e:
+            raise self._collective_error(e) from e
+
+    def _collective_error(self, e: BaseException) -> BaseException:
+        text = str(e)
+        signs = ("gloo", "NCCL", "nccl", "Connection closed", "Timed out", "timed out", "peer")
+        if isinstance(e, (CollectiveError, NonFiniteLossError)) or not (
+            isinstance(e, dist.DistError) or any(s in text for s in signs)
+        ):
+            return e
+        return CollectiveError(
+            f"rank {self.dims.rank}/{self.dims.world_size}: a collective in {self._phase} at "
+            f"step {self.step + 1} failed: a peer rank died or did not answer within "
+            f"trainer.collective_timeout_s ({self.cfg.trainer.collective_timeout_s:g} s). "
+            f"Cause: {text.splitlines()[0] if text else type(e).__name__}"
+        )
+
+    def _train(self) -> dict[str, float]:
+        tc, dims = self.cfg.trainer, self.dims
         T = len(self.task_names)
-        global_batch = self.train_data.batch_size * env.world_size
+        global_batch = self.train_data.batch_size
         # Device-side accumulators: the loop syncs the host only on logging steps.
-        acc_loss = torch.zeros((), device=self.device)
-        acc_tasks = torch.zeros(T, device=self.device)
+        acc = torch.zeros(T + 1, device=self.device)  # the loss, then each task's
         acc_n = 0
         # First step at which each task's loss (slot T: the gate regularisers) was not finite.
         first_bad = torch.full((T + 1,), -1, dtype=torch.long, device=self.device)
-        train_time, samples, window_t, window_samples = 0.0, 0, 0.0, 0
         eval_metrics: dict[str, float] = {}
         bar = tqdm(
             total=self.total_steps,
-            disable=not (self.cfg.logger.progress_bar and env.is_main),
+            disable=not (self.cfg.logger.progress_bar and dims.is_main),
             unit="step",
             dynamic_ncols=True,
         )
         self.model.train()
-        done = False
-        # The loader's position (train_data.state_dict()) counts the batches it has handed out,
-        # so the loop stops before asking for a batch it would not train on.
-        for epoch in range(self.train_data.epoch, tc.epochs):
-            if self.step >= self.total_steps:
-                break
-            for batch, _ in self.train_data.batches():
-                t0 = time.perf_counter()
-                batch = batch.to(self.device, non_blocking=True)
-                loss, out = self.model(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # the embedding rows are updated here, by the fused optimizer
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
+        batches = self._train_batches()
+        # Throughput is wall clock: waiting for data counts, evaluation does not.
+        start = window_start = time.perf_counter()
+        eval_time = window_eval = 0.0
+        samples = window_samples = 0
+        while self.step < self.total_steps:
+            if self.pipeline is None:
+                self._phase = "data"
+                out = self.train_step(next(batches))
+            else:
+                self._phase = "pipelined step (input all-to-all, forward, backward)"
+                out = self.pipeline.progress(batches)
+            self.step += 1
+            samples += global_batch
+            window_samples += global_batch
 
-                self.label_means.update(batch.labels, batch.masks, batch.weights)
-                self.train_gates.update(out.gates, out.moe_stats)
-                parts = torch.cat([out.task_losses.detach(), out.aux_loss.detach().reshape(1)])
-                first_bad = torch.where(
-                    (first_bad < 0) & ~torch.isfinite(parts), self.step, first_bad
-                )
-                acc_loss += loss.detach()
-                acc_tasks += out.task_losses.detach()
-                acc_n += 1
-                samples += global_batch
-                window_samples += global_batch
-                if self.device.type == "cuda" and self.step % tc.log_every == 0:
+            self.label_means.update(out.label_sums, out.label_weights)
+            self.train_gates.update(out.gates, out.moe_stats)
+            parts = torch.cat([out.task_losses.detach(), out.aux_loss.detach().reshape(1)])
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts), self.step, first_bad)
+            acc += torch.cat([out.loss.reshape(1), out.task_losses.detach()])
+            acc_n += 1
+            bar.update(1)
+
+            if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                self._phase = "train metrics all-reduce"
+                self._check_finite(first_bad)
+                if self.device.type == "cuda":
                     torch.cuda.synchronize()
+                now = time.perf_counter()
+                # the mean over ranks of their shares is the global batch's loss
+                means = (all_reduce_(acc.clone(), dims.world_group) / (acc_n * dims.world_size))
+                means = means.tolist()
+                metrics = {
+                    "train/loss": means[0],
+                    "train/epoch": float((self.step - 1) // self.train_data.steps),
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/samples_per_sec": window_samples
+                    / max(now - window_start - window_eval, 1e-9),
+                }
+                for t, name in enumerate(self.task_names):
+                    metrics[f"train/{name}/loss"] = means[1 + t]
+                metrics.update(self.train_gates.compute())
+                self.train_gates.reset()
+                metrics.update(self.train_data.metrics(dims.world_group))  # skipped rows
+                self._log(metrics, self.step)
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.4f}",
+                    samples_per_s=f"{metrics['train/samples_per_sec']:.0f}",
+                )
+                acc.zero_()
+                acc_n, window_samples, window_eval = 0, 0, 0.0
+                window_start = time.perf_counter()
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < self.total_steps:
+                t0 = time.perf_counter()
+                eval_metrics = self.evaluate()
+                self.model.train()
                 dt = time.perf_counter() - t0
-                train_time += dt
-                window_t += dt
-                bar.update(1)
-
-                if self.step % tc.log_every == 0 or self.step == self.total_steps:
-                    self._check_finite(first_bad)
-                    metrics = {
-                        "train/loss": (acc_loss / acc_n).item(),
-                        "train/epoch": float(epoch),
-                        "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/samples_per_sec": window_samples / max(window_t, 1e-9),
-                    }
-                    for t, name in enumerate(self.task_names):
-                        metrics[f"train/{name}/loss"] = (acc_tasks[t] / acc_n).item()
-                    metrics.update(self.train_gates.compute())
-                    self.train_gates.reset()
-                    metrics.update(self.train_data.metrics(env.group))  # skipped rows per reason
-                    self._log(metrics, self.step)
-                    bar.set_postfix(
-                        loss=f"{metrics['train/loss']:.4f}",
-                        samples_per_s=f"{metrics['train/samples_per_sec']:.0f}",
-                    )
-                    acc_loss.zero_()
-                    acc_tasks.zero_()
-                    acc_n, window_t, window_samples = 0, 0.0, 0
-                if (
-                    tc.eval_every
-                    and self.step % tc.eval_every == 0
-                    and self.step < self.total_steps
-                ):
-                    eval_metrics = self.evaluate()
-                    self.model.train()
-                if self.step >= self.total_steps:
-                    done = True
-                    break
-            if done:
-                break
+                eval_time += dt
+                window_eval += dt
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - start - eval_time
         bar.close()
         self._check_finite(first_bad)
         eval_metrics = self.evaluate()
@@ -238,11 +350,15 @@ class Trainer:
             "step": float(self.step),
             **eval_metrics,
             "train/samples_per_sec": samples / max(train_time, 1e-9),
-            **self.train_data.metrics(env.group),
+            **self.train_data.metrics(dims.world_group),
         }
         for sink in self.sinks:
             sink.summary(summary)
         return summary
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         bad = first_bad.tolist()
@@ -257,6 +373,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Exact metrics over every eval row (all ranks). Logged and returned as eval/... keys."""
+        self._phase = "eval (forward all-to-alls, metric gathers)"
+        if self.pipeline is not None:
+            self.pipeline.detach()  # plain forwards; the pipeline re-attaches at its next step
         self.model.eval()
         self.eval_metrics.reset()
         self.eval_gates.reset()
@@ -266,16 +385,16 @@ class Trainer:
             if real:
                 self.eval_metrics.update(out.raw, batch.labels, batch.masks, batch.weights)
                 self.eval_gates.update(out.gates, out.moe_stats)
-        self.eval_metrics.gather(self.env.group)
-        self.eval_gates.reduce(self.env.group)
-        metrics = {
-            f"eval/{k}": v for k, v in self.eval_metrics.compute(self.label_means.means()).items()
-        }
+        group = self.dims.world_group
+        self.eval_metrics.gather(group)
+        self.eval_gates.reduce(group)
+        means = self.label_means.means(group)
+        metrics = {f"eval/{k}": v for k, v in self.eval_metrics.compute(means).items()}
         metrics.update({f"eval/{k}": v for k, v in self.eval_gates.compute().items()})
-        for k, v in self.eval_data.metrics(self.env.group).items():
+        for k, v in self.eval_data.metrics(group).items():
             metrics["data/eval/" + k.removeprefix("data/")] = v
         self._log(metrics, self.step)
-        if self.env.is_main:
+        if self.dims.is_main:
             path = save_heatmap(
                 self.eval_gates.mean_weights(),
                 self.task_names,
@@ -284,7 +403,7 @@ class Trainer:
             )
             for sink in self.sinks:
                 sink.log_image("eval/gate_heatmap", path, self.step)
-        if self.cfg.logger.console and self.env.is_main:
+        if self.cfg.logger.console and self.dims.is_main:
             tasks = format_task_table(metrics, self.task_names, self.task_types)
             gates = format_gate_table(metrics, self.task_names)
             log.info("eval at step %d\n%s\n%s", self.step, tasks, gates)
@@ -294,4 +413,4 @@ class Trainer:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
-        close_distributed(self.env)
+        self.dims.close()

@@ -201,6 +201,16 @@ class OptimConfig:
     sparse: SparseOptimConfig = field(default_factory=SparseOptimConfig)
 
 
+class Pipeline(str, Enum):
+    """How a training step gets its batch (trainer.pipeline)."""
+
+    plain = "plain"  # copy the batch, then forward, backward, optimizer step
+    # TorchRec's TrainPipelineSparseDist: the next batch's host-to-device copy and the KJT
+    # input all-to-all of the tables overlap this step's compute (CUDA streams on GPUs)
+    sparse_dist = "sparse_dist"
+    auto = "auto"  # sparse_dist on CUDA, plain on CPU (where it has no streams to overlap on)
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 3
@@ -209,6 +219,27 @@ class TrainerConfig:
     log_every: int = 50  # steps between train-metric logs (the only host syncs in the loop)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    pipeline: Pipeline = Pipeline.auto
+    # A collective that does not complete within this many seconds (a peer rank died or hangs)
+    # stops this rank with an error naming the collective, instead of waiting forever.
+    collective_timeout_s: float = 600.0
+
+
+@dataclass
+class ParallelConfig:
+    """How the job is split over its ranks (distributed/parallel_dims.py).
+
+    Every rank reads its part of the global batch. Experts are split over groups of `ep_size`
+    consecutive ranks (model.num_experts / ep_size each) that exchange examples by all-to-all;
+    the world size / ep_size groups are replicas of each other's experts. Embedding tables are
+    sharded over all ranks by TorchRec's planner.
+    """
+
+    ep_size: int = 1
+    # Sharding types the TorchRec planner may use for the tables (table_wise, row_wise,
+    # column_wise, table_row_wise, data_parallel); empty: table_wise on CPU (the only one the
+    # planner accepts there with a fused optimizer), its free choice on CUDA.
+    embedding_sharding_types: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -236,4 +267,5 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from recsys_moe.distributed.comm import all_reduce_, all_reduce_int, spans_ranks
 from recsys_moe.moe.gates.base import GateOutput
 
 
@@ -86,22 +87,17 @@ class GateTelemetry:
 
     def reduce(self, group: Optional[dist.ProcessGroup]) -> None:
         """Sums the state of all ranks into every rank (call before compute() at eval)."""
-        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if not spans_ranks(group):
             return
         for t in (self.selected, self.weight, self.active, self.entropy, self.load):
-            dist.all_reduce(t, group=group)
-        used = self.used.to(torch.int32)
-        dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
-        self.used = used.bool()
-        dist.all_reduce(self.max_active, op=dist.ReduceOp.MAX, group=group)
+            all_reduce_(t, group)
+        self.used = all_reduce_(self.used.to(torch.int32), group, dist.ReduceOp.MAX).bool()
+        all_reduce_(self.max_active, group, dist.ReduceOp.MAX)
         for stats in self.stats:  # every rank runs the same gates: the same keys
             for k in sorted(stats):
                 v = torch.as_tensor(stats[k], dtype=torch.float64, device=self.device)
-                dist.all_reduce(v, group=group)
-                stats[k] = v
-        counts = torch.tensor([self.examples], dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts, group=group)
-        self.examples = int(counts.item())
+                stats[k] = all_reduce_(v, group)
+        self.examples = all_reduce_int(self.examples, group)
 
     def mean_weights(self) -> torch.Tensor:
         """[T, N] mean weight of every expert for every task (the heatmap)."""
@@ -132,7 +128,8 @@ class GateTelemetry:
         for e, v in enumerate((self.load / n).tolist()):
             out[f"expert/{e}/load"] = v
         for k, v in self.moe.items():
-            key = "moe/sparse_fraction" if k == "sparse" else f"moe/{k}"
+            # keys with a namespace ("ep/imbalance") keep it; the MoE layer's own get moe/
+            key = k if "/" in k else "moe/sparse_fraction" if k == "sparse" else f"moe/{k}"
             out[key] = float(v) / self.moe_batches[k]
         return out
 

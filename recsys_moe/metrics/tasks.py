@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from recsys_moe.config.schema import TaskType
+from recsys_moe.distributed.comm import all_gather_objects, all_reduce_, spans_ranks
 from recsys_moe.metrics import functional as M
 
 
@@ -20,32 +21,22 @@ class LabelMeans:
     """Running weighted mean of each task's existing labels over the training rows seen.
 
     Lives on the training device and never syncs the host in update(); `rmse_baseline` at eval is
-    the RMSE of predicting this mean.
+    the RMSE of predicting this mean (over the rows of all ranks).
     """
 
     def __init__(self, num_tasks: int, device: torch.device) -> None:
         self.sums = torch.zeros(num_tasks, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_tasks, dtype=torch.float64, device=device)
 
-    def update(
-        self,
-        labels_BT: torch.Tensor,
-        masks_BT: Optional[torch.Tensor],
-        weights_BT: Optional[torch.Tensor],
-    ) -> None:
-        w = (
-            torch.ones_like(labels_BT, dtype=torch.float64)
-            if weights_BT is None
-            else weights_BT.double()
-        )
-        if masks_BT is not None:
-            w = w * masks_BT
-            labels_BT = torch.where(masks_BT, labels_BT, torch.zeros_like(labels_BT))
-        self.sums += (labels_BT.double() * w).sum(0)
-        self.counts += w.sum(0)
+    def update(self, sums_T: torch.Tensor, weights_T: torch.Tensor) -> None:
+        """Adds one batch's per-task weighted label sums and label weights (StepOutput has them)."""
+        self.sums += sums_T.detach().double()
+        self.counts += weights_T.detach().double()
 
-    def means(self) -> list[float]:
-        return (self.sums / self.counts.clamp_min(1e-12)).tolist()
+    def means(self, group: Optional[dist.ProcessGroup] = None) -> list[float]:
+        """The means over the training rows of every rank (a collective over `group`)."""
+        both = all_reduce_(torch.stack([self.sums, self.counts]), group)
+        return (both[0] / both[1].clamp_min(1e-12)).tolist()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"sums": self.sums, "counts": self.counts}
@@ -107,14 +98,13 @@ class TaskMetrics:
 
     def gather(self, group: Optional[dist.ProcessGroup] = None) -> None:
         """Collects every rank's rows on every rank (exact metrics need all of them)."""
-        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if not spans_ranks(group):
             return
         mine = [
             [torch.cat(x) if x else torch.zeros(0) for x in lists]
             for lists in (self._raw, self._labels, self._weights)
         ]
-        everyone: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, mine, group=group)
+        everyone = all_gather_objects(mine, group)
         self._raw, self._labels, self._weights = (
             [[rank_state[i][t] for rank_state in everyone] for t in range(len(self.names))]
             for i in range(3)

@@ -10,50 +10,43 @@ D = MoE input width, T = tasks, N = experts, O = expert output width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_moe.config.schema import DataConfig, ModelConfig, TaskType
-from recsys_moe.data.batch import Batch
+from recsys_moe.config.schema import DataConfig, ModelConfig
 from recsys_moe.modules.embeddings import build_embedding_bags
-from recsys_moe.modules.heads import predict, task_loss
 from recsys_moe.modules.mlp import MLP
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.gates import GateOutput, build_gate
 from recsys_moe.moe.layer import MultiTaskMoE
 
 
-@dataclass
-class RankerOutput:
-    """Everything a step produces besides the loss (all detached except task_losses/aux_loss).
+class RankerOutput(NamedTuple):
+    """What the ranker computes for a batch (a NamedTuple: TorchRec's pipeline traces through it).
 
-    raw:         [B, T] logits (binary tasks) or values (regression tasks).
-    predictions: [B, T] probabilities (binary) or values (regression).
-    task_losses: [T] each task's masked, weighted mean loss (before loss weights).
-    aux_loss:    scalar sum of the gates' regularisers.
-    gates:       each task's GateOutput (weights [B, N] and stats), detached.
-    moe_stats:   the MoE layer's stats (active_fraction, sparse), detached.
+    raw:       [B, T] logits (binary tasks) or values (regression tasks).
+    aux_loss:  scalar sum of the gates' regularisers (0 outside training).
+    gates:     each task's GateOutput (weights [B, N] and stats).
+    moe_stats: the MoE layer's stats (active_fraction, sparse, ep/...), detached.
     """
 
     raw: torch.Tensor
-    predictions: torch.Tensor
-    task_losses: torch.Tensor
     aux_loss: torch.Tensor
     gates: list[GateOutput]
     moe_stats: dict[str, torch.Tensor]
 
 
 class MultiTaskRanker(nn.Module):
-    """model(batch) -> (loss, RankerOutput).
-
-    loss = sum_t loss_weight_t * task_loss_t + sum of gate regularisers.
+    """model(dense [B, F], sparse KJT) -> RankerOutput with raw [B, T]: per-task logits (binary
+    tasks) or values (regression tasks). No labels, no loss (those are in models/training.py,
+    as TorchRec keeps DLRM apart from DLRMTrain), so an inference model is this module alone.
 
     Example:
         >>> model = MultiTaskRanker(cfg.data, cfg.model)
-        >>> loss, out = model(batch)          # out.predictions: [B, T]
+        >>> out = model(batch.dense, batch.sparse)          # out.raw: [B, T]
     """
 
     def __init__(
@@ -70,11 +63,6 @@ class MultiTaskRanker(nn.Module):
         names = [t.name for t in data.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"data.tasks: task names must be unique, got {names}")
-        for key in model.loss_weights:
-            if key not in names:
-                raise ValueError(
-                    f"model.loss_weights.{key}: no task named '{key}' (tasks: {names})"
-                )
         for key, value in (
             ("model.expert_dim", model.expert_dim),
             ("model.num_experts", model.num_experts),
@@ -109,50 +97,23 @@ class MultiTaskRanker(nn.Module):
             MLP(model.expert_dim, model.tower, model.dropout) for _ in data.tasks
         )
         self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1) for t in self.towers)
-        self.register_buffer(
-            "loss_weights",
-            torch.tensor([model.loss_weights.get(n, 1.0) for n in names], dtype=torch.float32),
-            persistent=False,
-        )
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_types)
 
-    def features(self, batch: Batch) -> torch.Tensor:
-        """The MoE input x [B, D]: pooled embeddings, then the bottom MLP's output."""
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> RankerOutput:
+        # TorchRec's TrainPipelineSparseDist traces this with torch.fx to find the tables' input
+        # (sparse): keep it straight-line; the MoE, towers and heads are opaque (leaf) calls.
         parts = []
         if self.sparse_arch is not None:
-            parts.append(self.sparse_arch(batch.sparse).values())  # [B, S*E]
+            parts.append(self.sparse_arch(sparse).values())  # [B, S*E]
         if self.bottom is not None:
-            parts.append(self.bottom(batch.dense))  # [B, bottom[-1]]
-        return torch.cat(parts, dim=1)
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, RankerOutput]:
-        x_BD = self.features(batch)
+            parts.append(self.bottom(dense))  # [B, bottom[-1]]
+        x_BD = torch.cat(parts, dim=1)
         moe = self.moe(x_BD)
         raw_BT = torch.cat(
             [head(tower(moe.y[t])) for t, (tower, head) in enumerate(zip(self.towers, self.heads))],
             dim=1,
         )
-        losses = []
-        for t, kind in enumerate(self.task_types):
-            losses.append(
-                task_loss(
-                    kind,
-                    raw_BT[:, t],
-                    batch.labels[:, t],
-                    None if batch.masks is None else batch.masks[:, t],
-                    None if batch.weights is None else batch.weights[:, t],
-                )
-            )
-        task_losses_T = torch.stack(losses)
-        aux = moe.aux_loss
-        loss = (self.loss_weights * task_losses_T).sum() + aux
-        raw = raw_BT.detach()
-        preds = torch.stack([predict(k, raw[:, t]) for t, k in enumerate(self.task_types)], dim=1)
-        gates = [g.detach() for g in moe.gates]
-        return loss, RankerOutput(raw, preds, task_losses_T, aux, gates, moe.stats)
-
-    def is_binary(self, t: int) -> bool:
-        return self.task_types[t] == TaskType.binary
+        return RankerOutput(raw_BT, moe.aux_loss, moe.gates, moe.stats)

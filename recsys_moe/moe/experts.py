@@ -61,6 +61,22 @@ class ExpertBank(nn.Module):
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
 
+    def shard(self, first: int, num: int) -> ExpertBank:
+        """A bank of experts [first, first + num) of this one, with copies of their parameters
+        (expert parallelism keeps only a rank's own experts)."""
+        if not (0 <= first and num >= 1 and first + num <= self.num_experts):
+            raise ValueError(f"experts [{first}, {first + num}) are not in a bank of {self.num_experts}")
+        hidden = [w.shape[2] for w in self.weights[:-1]]
+        with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the RNG
+            bank = ExpertBank(num, self.in_dim, hidden, self.out_dim, self.dropout)
+        ref = self.weights[0]
+        bank.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            for mine, full in zip(bank.parameters(), self.parameters()):
+                mine.copy_(full[first : first + num])
+        bank.train(self.training)
+        return bank
+
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         h = x_BD
         for w_NIO, b_NO in zip(self.weights, self.biases):

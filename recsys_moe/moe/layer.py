@@ -9,7 +9,12 @@ Compute modes (model.expert_compute):
   weights of a pair are 0.0, the dense path adds 0 * f_e(x) and the gates' gradients there are
   exactly zero (DSelect-k and Top-k), so outputs and gradients are the same;
 - auto: sparse when at most `sparse_max_active_fraction` of the (example, expert) pairs are
-  active in this batch, else dense. Gates that are never sparse (softmax) always run dense.
+  active in this batch (averaged over the expert-parallel group, so that all its ranks take the
+  same path), else dense. Gates that are never sparse (softmax) always run dense.
+
+Where the experts are is the dispatcher's business (moe/dispatch): all of them on this device
+(LocalDispatcher), or split over an expert-parallel group (AllToAllDispatcher, installed by
+distributed/expert_parallel.py with `use_experts`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from recsys_moe.config.schema import ExpertCompute
+from recsys_moe.moe.dispatch.base import Dispatcher
 from recsys_moe.moe.dispatch.local import LocalDispatcher
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.gates.base import Gate, GateOutput
@@ -59,7 +65,7 @@ class MultiTaskMoE(nn.Module):
         gates: Sequence[Gate],
         compute: ExpertCompute = ExpertCompute.auto,
         sparse_max_active_fraction: float = 0.5,
-        dispatcher: Optional[LocalDispatcher] = None,
+        dispatcher: Optional[Dispatcher] = None,
     ) -> None:
         super().__init__()
         for t, g in enumerate(gates):
@@ -75,33 +81,40 @@ class MultiTaskMoE(nn.Module):
         self.gates = nn.ModuleList(gates)
         self.compute = ExpertCompute(compute)
         self.sparse_max_active_fraction = sparse_max_active_fraction
-        self.dispatcher = dispatcher or LocalDispatcher()
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
         self.any_sparse_gate = any(g.sparse for g in gates)
+
+    def use_experts(self, experts: ExpertBank, dispatcher: Dispatcher) -> None:
+        """Replaces the bank and its dispatcher (expert parallelism: a rank's own experts and the
+        all-to-all that reaches the others)."""
+        self.experts = experts
+        self.dispatcher = dispatcher
+
+    def _sparse_path(
+        self, w_TBN: torch.Tensor, stats: dict[str, torch.Tensor]
+    ) -> tuple[bool, Optional[torch.Tensor]]:
+        """Whether this step runs sparse, and the nonzero mask when it was computed. `auto`
+        decides on the active fraction that the dispatcher's group agrees on, so every rank of
+        an expert-parallel group takes the same path (and runs the same collectives)."""
+        if self.compute == ExpertCompute.dense or not self.any_sparse_gate:
+            return False, None
+        nonzero_TBN = w_TBN.detach() != 0  # reused by the plan
+        frac = nonzero_TBN.any(0).float().mean()
+        if self.compute == ExpertCompute.sparse:
+            stats["active_fraction"] = frac
+            return True, nonzero_TBN
+        stats["active_fraction"] = frac = self.dispatcher.agree(frac)
+        return frac.item() <= self.sparse_max_active_fraction, nonzero_TBN  # host sync: the path
 
     def forward(self, x_BD: torch.Tensor) -> MoEOutput:
         outs = [g(x_BD) for g in self.gates]
         w_TBN = torch.stack([o.weights for o in outs])
-        mode = self.compute
         stats: dict[str, torch.Tensor] = {}
-        nonzero_TBN = None
-        if mode == ExpertCompute.auto:
-            mode = ExpertCompute.dense
-            if self.any_sparse_gate:
-                nonzero_TBN = w_TBN.detach() != 0  # reused by the plan below
-                frac = nonzero_TBN.any(0).float().mean()
-                stats["active_fraction"] = frac
-                if frac.item() <= self.sparse_max_active_fraction:  # host sync: picks the path
-                    mode = ExpertCompute.sparse
-
-        if mode == ExpertCompute.dense:
-            f_NBO = self.experts(x_BD)
-            y_TBO = torch.einsum("tbn,nbo->tbo", w_TBN, f_NBO)
-        else:
-            plan = self.dispatcher.plan(w_TBN.detach(), nonzero_TBN)
-            f_PO = self.experts.forward_grouped(self.dispatcher.dispatch(x_BD, plan), plan.counts)
-            y_TBO = self.dispatcher.combine(f_PO, w_TBN, plan)
-            stats["active_fraction"] = x_BD.new_tensor(
-                plan.num_pairs / max(1, w_TBN.shape[1] * w_TBN.shape[2])
-            )
-        stats["sparse"] = x_BD.new_tensor(float(mode == ExpertCompute.sparse))
+        sparse, nonzero_TBN = self._sparse_path(w_TBN, stats)
+        plan = self.dispatcher.plan(w_TBN.detach(), sparse, nonzero_TBN)
+        x_in = self.dispatcher.dispatch(x_BD, plan)
+        f = self.experts.forward_grouped(x_in, plan.counts) if plan.grouped else self.experts(x_in)
+        y_TBO = self.dispatcher.combine(f, w_TBN, plan)
+        stats.update(plan.stats)
+        stats["sparse"] = x_BD.new_tensor(float(sparse))
         return MoEOutput(y=y_TBO, gates=outs, stats=stats)

@@ -10,6 +10,7 @@ import torch
 from recsys_moe.config.schema import TaskType
 from recsys_moe.metrics import functional as M
 from recsys_moe.metrics.tasks import LabelMeans, TaskMetrics
+from recsys_moe.modules.heads import task_loss_terms
 
 
 def test_masked_rows_are_ignored_even_when_they_hold_garbage():
@@ -45,5 +46,9 @@ def test_label_means_follow_masks_and_weights():
     labels = torch.tensor([[1.0, 10.0], [0.0, float("nan")], [1.0, 4.0]])
     masks = torch.tensor([[True, True], [True, False], [True, True]])
     weights = torch.tensor([[1.0, 1.0], [1.0, 1.0], [2.0, 3.0]])
-    lm.update(labels, masks, weights)
+    raw = torch.zeros(3)
+    for _ in range(2):  # two batches: the sums accumulate
+        terms = [task_loss_terms(kind, raw, labels[:, t], masks[:, t], weights[:, t])
+                 for t, kind in enumerate((TaskType.binary, TaskType.regression))]
+        lm.update(torch.stack([y for _, _, y in terms]), torch.stack([w for _, w, _ in terms]))
     assert lm.means() == pytest.approx([3.0 / 4.0, (10.0 + 12.0) / 4.0])

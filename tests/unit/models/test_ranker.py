@@ -9,6 +9,7 @@ from recsys_moe.config.schema import ModelConfig
 from recsys_moe.data.files import resolve_split
 from recsys_moe.data.parquet import BatchBuilder, ParquetBatchReader, list_row_groups
 from recsys_moe.models.ranker import MultiTaskRanker
+from recsys_moe.models.training import RankerTrain
 
 
 @pytest.fixture
@@ -21,22 +22,23 @@ def batch(tiny_data_config):
 
 def test_forward_backward_shapes_and_gradients(tiny_data_config, batch):
     torch.manual_seed(0)
-    model = MultiTaskRanker(tiny_data_config, ModelConfig(num_experts=4, expert_dim=8, tower=[8]))
+    ranker = MultiTaskRanker(tiny_data_config, ModelConfig(num_experts=4, expert_dim=8, tower=[8]))
+    model = RankerTrain(ranker, {})
     loss, out = model(batch)
     B, T, N = batch.batch_size, len(tiny_data_config.tasks), 4
     assert loss.shape == ()
-    assert out.raw.shape == out.predictions.shape == (B, T)
+    assert out.raw.shape == (B, T)
     assert out.task_losses.shape == (T,)
     assert len(out.gates) == T and out.gates[0].weights.shape == (B, N)
-    binary = [t for t, task in enumerate(tiny_data_config.tasks) if task.type.value == "binary"]
-    assert ((out.predictions[:, binary] > 0) & (out.predictions[:, binary] < 1)).all()
+    # the ranker alone needs no labels and gives the same outputs
+    torch.testing.assert_close(ranker(batch.dense, batch.sparse).raw, out.raw)
     loss.backward()
     missing = [
         n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
     ]
     assert not missing, missing
     # Every table row looked up by the batch received gradient; others did not.
-    table = model.sparse_arch.embedding_bags["device"].weight
+    table = ranker.sparse_arch.embedding_bags["device"].weight
     used = torch.unique(batch.sparse["device"].values())
     row_has_grad = table.grad.abs().sum(1) > 0
     assert row_has_grad[used].all() and row_has_grad.sum() == len(used)
@@ -45,7 +47,7 @@ def test_forward_backward_shapes_and_gradients(tiny_data_config, batch):
 def test_loss_is_weighted_sum_of_task_losses(tiny_data_config, batch):
     torch.manual_seed(0)
     weights = {"click": 0.5, "rating": 2.0}
-    model = MultiTaskRanker(tiny_data_config, ModelConfig(loss_weights=weights))
+    model = RankerTrain(MultiTaskRanker(tiny_data_config, ModelConfig()), weights)
     loss, out = model(batch)
     w = torch.tensor([weights.get(t.name, 1.0) for t in tiny_data_config.tasks])
     assert loss.item() == pytest.approx(
@@ -55,7 +57,7 @@ def test_loss_is_weighted_sum_of_task_losses(tiny_data_config, batch):
 
 def test_rating_loss_ignores_unobserved_rows(tiny_data_config, batch):
     torch.manual_seed(0)
-    model = MultiTaskRanker(tiny_data_config, ModelConfig())
+    model = RankerTrain(MultiTaskRanker(tiny_data_config, ModelConfig()), {})
     _, out = model(batch)
     t = [task.name for task in tiny_data_config.tasks].index("rating")
     garbage = batch.labels.clone()
@@ -76,5 +78,6 @@ def test_rating_loss_ignores_unobserved_rows(tiny_data_config, batch):
 )
 def test_bad_model_config_names_the_key(tiny_data_config, overrides, message):
     with pytest.raises(ValueError) as e:
-        MultiTaskRanker(tiny_data_config, ModelConfig(**overrides))
+        cfg = ModelConfig(**overrides)
+        RankerTrain(MultiTaskRanker(tiny_data_config, cfg), cfg.loss_weights)
     assert message in str(e.value)

@@ -111,7 +111,7 @@ def test_dispatch_plan_groups_the_union_of_tasks_by_expert():
     w[0, 1, 1] = 0.5
     w[0, 1, 2] = 0.5
     w[1, 2, 1] = 1.0
-    plan = LocalDispatcher().plan(w)
+    plan = LocalDispatcher().plan(w, sparse=True)
     assert plan.counts == [0, 3, 1, 1]
     assert plan.expert_ids.tolist() == [1, 1, 1, 2, 3]
     assert plan.example_ids.tolist() == [0, 1, 2, 1, 0]

@@ -1,0 +1,74 @@
+"""Expert parallelism, applied from outside to a model built unsharded.
+
+`parallelize_experts` keeps, in every MultiTaskMoE, only this rank's experts (a contiguous block
+of n / ep, global indices [ep_rank * n / ep, ...)) and installs the all-to-all dispatcher over
+the ep group. The model was built with the same seed on every rank, so each block starts from
+the same values a one-process run gives those experts.
+
+Gradients (the subtle part). Every rank's loss is its share of the global-batch loss
+(models/training.py), and the gradient one process would compute is the MEAN over ranks of the
+ranks' gradients, which is what DDP gives the dense parameters. An expert's owner accumulates,
+through the all-to-all's backward, the gradients of every rank of its ep group; the other ep
+groups hold replicas of the same experts (the dp group). So `ExpertGradSync` sums over the dp
+group and divides by the world size. DDP must not touch the expert parameters (they differ
+between the ranks of a DDP group): their names go to DDP's ignore list.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recsys_moe.distributed.parallel_dims import ParallelDims
+from recsys_moe.moe.dispatch.all_to_all import AllToAllDispatcher
+from recsys_moe.moe.layer import MultiTaskMoE
+
+
+def parallelize_experts(model: nn.Module, dims: ParallelDims) -> list[str]:
+    """Shards the experts of every MultiTaskMoE in `model` over dims.ep_group.
+
+    Returns the names (in `model`) of the expert parameters that now live on this rank only;
+    empty when ep is 1 (every rank holds every expert and DDP averages them like any other)."""
+    if not dims.ep_enabled:
+        return []
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, MultiTaskMoE):
+            d = AllToAllDispatcher(dims.ep_group, module.experts.num_experts)
+            module.use_experts(module.experts.shard(d.first_expert, d.num_local), d)
+            names += [f"{prefix}.experts.{n}" if prefix else f"experts.{n}"
+                      for n, _ in module.experts.named_parameters()]
+    return names
+
+
+class ExpertGradSync:
+    """After backward, before the optimizer: expert gradients summed over the replicas of this
+    rank's experts and divided by the world size (module docstring). One flat all-reduce.
+
+    Example:
+        >>> sync = ExpertGradSync([p for n, p in model.named_parameters() if n in names], dims)
+        >>> loss.backward(); sync(); optimizer.step()
+    """
+
+    def __init__(self, params: list[nn.Parameter], dims: ParallelDims) -> None:
+        self.params = params
+        self.dims = dims
+
+    def __call__(self) -> None:
+        if not self.params:
+            return
+        grads = []
+        for p in self.params:
+            if p.grad is None:  # no example reached these experts on any source this step
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.dims.dp > 1:
+            dist.all_reduce(flat, group=self.dims.dp_group)
+        flat.div_(self.dims.world_size)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n

@@ -1,0 +1,187 @@
+"""The parallel layout: one object owns the degrees, checks them once and builds the groups.
+
+Ranks sit on a (dp, ep) device mesh, ep innermost: rank = dp_rank * ep + ep_rank, so the ranks
+of one expert-parallel group are consecutive (the GPUs of one node while ep <= GPUs per node,
+where the all-to-all stays on NVLink).
+
+- world (every rank): the global batch is split over all of them (each reads its data shards);
+  dense parameters are averaged over all of them (DDP); TorchRec shards the tables over them.
+- ep group (`ep` ranks): together they hold all n experts, n / ep each, and exchange examples
+  by all-to-all.
+- dp group (`dp` = world / ep ranks): the replicas of one expert shard; expert gradients are
+  reduced over them.
+
+GPU jobs get one process group for both kinds of tensors (`cpu:gloo,cuda:nccl`): the loader and
+the metrics reduce host tensors, the model reduces device tensors.
+
+Example:
+    >>> dims = ParallelDims.from_env(ParallelConfig(ep_size=2), num_experts=8)   # checks only
+    >>> dims.init(device_pref="auto", timeout_s=600)                            # joins, builds
+    >>> dims.ep_group, dims.dp_group, dims.world_group
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from recsys_moe.config.schema import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(pref: str, local_rank: int) -> torch.device:
+    """trainer.device: auto (CUDA when available), cpu or cuda."""
+    if pref not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device ({pref}) must be auto, cpu or cuda")
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("trainer.device (cuda): CUDA is not available on this machine")
+    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU; on CUDA one group that reduces host tensors (gloo) and device tensors (nccl)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+@dataclass
+class ParallelDims:
+    """World size, expert-parallel degree and the derived expert-replica degree, validated once.
+
+    Build it with `from_env` (no communication: fails before anything is built when the degrees
+    do not fit), then `init` joins the job and builds the mesh and its groups.
+    """
+
+    world_size: int
+    ep: int
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: Optional[DeviceMesh] = None
+    owns_default_group: bool = False  # init() created the default group (close() destroys it)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world size ({self.world_size}) must be >= 1")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep_size ({self.ep}) must be >= 1")
+        if self.world_size % self.ep:
+            raise ValueError(
+                f"parallel.ep_size ({self.ep}) must divide the world size ({self.world_size})"
+            )
+
+    @classmethod
+    def from_env(cls, cfg: ParallelConfig, num_experts: int) -> ParallelDims:
+        """The layout of the job torchrun started (WORLD_SIZE, RANK, LOCAL_RANK), or of a single
+        process, checked against the model: nothing is communicated or built yet."""
+        if dist.is_initialized():  # tests spawn their own ranks
+            world, rank = dist.get_world_size(), dist.get_rank()
+        else:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+        dims = cls(world, cfg.ep_size, rank, int(os.environ.get("LOCAL_RANK", "0")))
+        dims.check_experts(num_experts)
+        return dims
+
+    def check_experts(self, num_experts: int) -> None:
+        if num_experts % self.ep:
+            raise ValueError(
+                f"model.num_experts ({num_experts}) must be divisible by parallel.ep_size "
+                f"({self.ep})"
+            )
+
+    # -- degrees and coordinates ---------------------------------------------------------------
+
+    @property
+    def dp(self) -> int:
+        """Replicas of each expert shard (world / ep)."""
+        return self.world_size // self.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.ep
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    # -- groups --------------------------------------------------------------------------------
+
+    def init(self, device_pref: str = "auto", timeout_s: float = 600.0) -> ParallelDims:
+        """Joins the job (or makes a one-process group, so that TorchRec's sharding runs the same
+        way for one process or many) and builds the (dp, ep) mesh. Reuses an already
+        initialised default group (tests spawn their own ranks)."""
+        if not timeout_s > 0:
+            raise ValueError(f"trainer.collective_timeout_s ({timeout_s}) must be > 0")
+        self.device = pick_device(device_pref, self.local_rank)
+        backend = backend_for(self.device)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if not dist.is_initialized():
+            if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                dist.init_process_group(
+                    backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+                )
+            self.owns_default_group = True
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise RuntimeError(
+                f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) is not "
+                f"the job this layout was checked for (rank {self.rank} of {self.world_size})"
+            )
+        self.mesh = init_device_mesh(
+            "cuda" if self.device.type == "cuda" else "cpu",
+            (self.dp, self.ep),
+            mesh_dim_names=("dp", "ep"),
+        )
+        log.info(
+            "rank %d/%d on %s (%s): ep %d (rank %d in its group), expert replicas %d",
+            self.rank,
+            self.world_size,
+            self.device,
+            backend,
+            self.ep,
+            self.ep_rank,
+            self.dp,
+        )
+        return self
+
+    def _group(self, axis: str) -> dist.ProcessGroup:
+        if self.mesh is None:
+            raise RuntimeError("ParallelDims.init() has not built the groups yet")
+        return self.mesh.get_group(axis)
+
+    @property
+    def world_group(self) -> dist.ProcessGroup:
+        return dist.group.WORLD  # type: ignore[return-value]
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self._group("ep")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self._group("dp")
+
+    def close(self) -> None:
+        if self.owns_default_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_default_group = False
