@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from recsys_moe.data.write import parquet_writer
+
 NUM_INT, NUM_CAT = 13, 26
 INT_COLUMNS = [f"int_{i}" for i in range(1, NUM_INT + 1)]
 CAT_COLUMNS = [f"cat_{i}" for i in range(1, NUM_CAT + 1)]
@@ -117,7 +119,7 @@ class _SplitWriter:
                 self.close()
                 path = self.folder / f"part-{self.files:05d}.parquet"
                 schema = table.schema.append(pa.field("row_id", pa.int64()))
-                self.writer = pq.ParquetWriter(path, schema)
+                self.writer = parquet_writer(path, schema)
                 self.files, self.in_file = self.files + 1, 0
             take = min(table.num_rows, self.rows_per_file - self.in_file)
             part = table.slice(0, take)
