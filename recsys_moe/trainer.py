@@ -84,6 +84,9 @@ class Trainer:
         pin = self.device.type == "cuda"
         self.train_data = SplitInput(cfg.data, "train", env.rank, env.world_size, env.group, pin)
         self.eval_data = SplitInput(cfg.data, "eval", env.rank, env.world_size, env.group, pin)
+        # A bad eval row would otherwise stop the run at the first eval, after the training it
+        # invalidates: read and check the eval rows now when there are few enough.
+        self.eval_data.check_rows(max_rows=cfg.data.eval_check_max_rows)
         if self.train_data.dropped_rows:
             log.info(
                 "train: %d of %d rows per epoch are dropped so every rank runs %d full batches",

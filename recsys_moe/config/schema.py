@@ -129,6 +129,10 @@ class DataConfig:
     tasks: list[TaskSpec] = field(default_factory=list)
     row_id: Optional[str] = None  # optional int64 column carried into Batch.row_ids (tracing)
     on_bad_rows: BadRows = BadRows.error  # skip: counted per reason as data/skipped_rows/...
+    # The trainer reads and checks every eval row before the first training step when the eval
+    # split has at most this many rows (0: never), so that a bad eval row stops the run before
+    # training rather than at the first eval.
+    eval_check_max_rows: int = 2_000_000
     equal_steps: EqualSteps = EqualSteps.drop  # train steps per epoch, equal on every rank
     num_workers: int = 0  # workers per rank building shuffle windows (0: in the training loop)
     worker_type: WorkerType = WorkerType.thread

@@ -331,6 +331,29 @@ class SplitInput:
         batch = chunk.to_batch(self.decoder.keys)
         return batch.pin_memory() if self.pin_memory else batch
 
+    def check_rows(self, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Reads and checks every row of this rank's row groups now, with the checks of its
+        batches, keeping nothing: under data.on_bad_rows=error the first bad row raises
+        DataError naming it. Returns the rows a pass would leave out, per reason (REASONS
+        order); None, without reading, when the split has more than `max_rows` rows."""
+        where = f"data.{self.split} ({self.total_rows} rows)"
+        if max_rows is not None and self.total_rows > max_rows:
+            log.info(
+                "%s: not checked ahead (more than data.eval_check_max_rows = %d); its rows are "
+                "checked as they are read",
+                where,
+                max_rows,
+            )
+            return None
+        decoder = UnitDecoder(self.cfg)
+        counts = torch.zeros(len(REASONS), dtype=torch.int64)
+        for unit in self.units:
+            counts += decoder.read(self.fs, unit).skipped
+        if counts.any():
+            left_out = {r: n for r, n in zip(REASONS, counts.tolist()) if n}
+            log.warning("%s: rank %d will leave out bad rows: %s", where, self.rank, left_out)
+        return counts
+
     # -- counters and state --------------------------------------------------------------------
 
     def counters(self) -> torch.Tensor:
@@ -430,6 +453,7 @@ def _validate(cfg: DataConfig) -> None:
         ("data.num_workers", cfg.num_workers, 0),
         ("data.prefetch_factor", cfg.prefetch_factor, 1),
         ("data.shuffle.buffer_rows", cfg.shuffle.buffer_rows, 0),
+        ("data.eval_check_max_rows", cfg.eval_check_max_rows, 0),
     )
     for key, value, low in checks:
         if value < low:

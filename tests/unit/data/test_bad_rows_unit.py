@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from recsys_moe.config.schema import DataConfig
-from recsys_moe.data.files import DataError
+from recsys_moe.data.files import REASONS, DataError
 from recsys_moe.data.loader import SplitInput
 from recsys_moe.data.parquet import hash_ids
 
@@ -313,3 +313,14 @@ def test_errors_and_counts_come_back_from_workers(root, kind):
     ids = sorted(i for b, _ in inp.batches() for i in b.row_ids.tolist() if i >= 0)
     assert ids == [0, 1, 2, 3, 10, 11, 13]
     assert inp.metrics()["data/skipped_rows/nonfinite_dense"] == 1
+
+
+def test_check_rows_reads_every_row_ahead_within_its_limit(root):
+    _bad_file(root, y=2.0)
+    with pytest.raises(DataError, match=r"b.parquet: row group 0: row 2: column 'y'"):
+        SplitInput(_config(root), "train").check_rows()
+    inp = SplitInput(_config(root, on_bad_rows="skip"), "train")
+    counts = inp.check_rows(max_rows=8)  # the split has 8 rows
+    assert counts.tolist() == [int(r == "label_not_binary") for r in REASONS]
+    assert inp.check_rows(max_rows=7) is None  # over the limit: nothing read
+    assert SplitInput(_config(root), "train").check_rows(max_rows=7) is None
