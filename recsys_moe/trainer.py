@@ -119,7 +119,7 @@ class Trainer:
 
     def _build(self, config_dict: Optional[dict[str, Any]]) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
-        # 1. parallel layout (degrees checked against the model in __init__) and groups: degrees checked against the model before anything is built
+        # 1. parallel layout (degrees checked against the model in __init__) and groups
         self.dims.init(tc.device, tc.collective_timeout_s)
         dims, self.device = self.dims, self.dims.device
         torch.manual_seed(tc.seed)  # the same on every rank: every rank builds the same model
@@ -129,6 +129,9 @@ class Trainer:
         world, group = dims.world_size, dims.world_group
         self.train_data = SplitInput(cfg.data, "train", dims.rank, world, group, pin)
         self.eval_data = SplitInput(cfg.data, "eval", dims.rank, world, group, pin)
+        # A bad eval row would otherwise stop the run at the first eval, after the training it
+        # invalidates: read and check the eval rows now when there are few enough.
+        self.eval_data.check_rows(max_rows=cfg.data.eval_check_max_rows)
         if self.train_data.dropped_rows:
             log.info(
                 "train: %d of %d rows per epoch are dropped so every rank runs %d full batches",

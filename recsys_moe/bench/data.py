@@ -5,8 +5,9 @@
 Writes one synthetic Parquet file (recsys_moe.data.synthetic: 8 dense, 4 single-valued and 2
 multi-valued sparse columns, 4 labels, a mask and a row id), then measures, with the same batch
 size and columns:
-- raw: ParquetFile.iter_batches over the columns, decoded to Arrow only, single-threaded
-  (one worker's worth of CPU) and with pyarrow's thread pool;
+- raw: ParquetFile.iter_batches over the columns, decoded to Arrow only (page checksums
+  verified, as the loader does), single-threaded (one worker's worth of CPU) and with pyarrow's
+  thread pool;
 - loader: SplitInput producing training Batches (validated, shuffled, KeyedJaggedTensors) with
   data.num_workers = 0, 1 and 2 (worker threads, the default data.worker_type), with 1 and 2
   DataLoader worker processes, and with shuffling off (1 worker).
@@ -38,6 +39,7 @@ from recsys_moe.config.schema import (
 )
 from recsys_moe.data.loader import SplitInput
 from recsys_moe.data.synthetic import SyntheticSpec, generate
+from recsys_moe.data.write import write_table
 
 GOAL = 0.8
 
@@ -71,7 +73,8 @@ def data_config(path: Path, spec: SyntheticSpec, batch_size: int) -> DataConfig:
 
 def raw_decode(path: Path, columns: list[str], batch_size: int, threads: bool) -> int:
     rows = 0
-    for rb in pq.ParquetFile(path).iter_batches(
+    # Checksums verified as the loader does (files.open_parquet): the same work per page.
+    for rb in pq.ParquetFile(path, page_checksum_verification=True).iter_batches(
         batch_size=batch_size, columns=columns, use_threads=threads
     ):
         rows += rb.num_rows
@@ -107,7 +110,7 @@ def run(rows: int, batch_size: int, repeats: int, row_group_size: int) -> dict:
         (root / "train").mkdir()
         path = root / "train" / "part-00000.parquet"
         train, _ = generate(spec)
-        pq.write_table(train, path, row_group_size=row_group_size)
+        write_table(train, path, row_group_size=row_group_size)
         cfg = data_config(root, spec, batch_size)
         columns = SplitInput(cfg, "train").decoder.columns
         cases: dict[str, Callable[[], int]] = {

@@ -129,6 +129,10 @@ class DataConfig:
     tasks: list[TaskSpec] = field(default_factory=list)
     row_id: Optional[str] = None  # optional int64 column carried into Batch.row_ids (tracing)
     on_bad_rows: BadRows = BadRows.error  # skip: counted per reason as data/skipped_rows/...
+    # The trainer reads and checks every eval row before the first training step when the eval
+    # split has at most this many rows (0: never), so that a bad eval row stops the run before
+    # training rather than at the first eval.
+    eval_check_max_rows: int = 2_000_000
     equal_steps: EqualSteps = EqualSteps.drop  # train steps per epoch, equal on every rank
     num_workers: int = 0  # workers per rank building shuffle windows (0: in the training loop)
     worker_type: WorkerType = WorkerType.thread
@@ -142,17 +146,20 @@ class DataConfig:
 
 @dataclass
 class GateConfig:
+    """The gate of every task. The keys after per_example belong to some gates only: null means
+    "not set" (the gate's own default applies, see conf/model/gate/*.yaml and the gate classes),
+    and a key set for a gate that does not use it is an error naming the key and the gate
+    (recsys_moe.moe.gates.build_gate), never silently ignored."""
+
     type: GateType = GateType.softmax
     # per-example: weights are a function of the MoE input; static: one learned weight vector per task
     per_example: bool = True
-    k: int = 2  # topk / dselect_k: the most experts one gate may select
-    gamma: float = 1.0  # dselect_k: width of the smooth-step window
-    entropy_reg: float = 0.0  # dselect_k: lambda of the selectors' entropy regulariser (batch mean)
-    entropy_start_step: int = 0  # dselect_k: lambda is 0 for this many training steps
-    entropy_warmup_steps: int = 0  # dselect_k: then ramps linearly from 0 over these steps
-    noise: bool = (
-        False  # topk: Shazeer et al.'s trainable Gaussian noise on the logits (training only)
-    )
+    k: Optional[int] = None  # topk / dselect_k: the most experts one gate may select
+    gamma: Optional[float] = None  # dselect_k: width of the smooth-step window
+    entropy_reg: Optional[float] = None  # dselect_k: lambda of the selectors' entropy regulariser
+    entropy_start_step: Optional[int] = None  # dselect_k: lambda is 0 for this many training steps
+    entropy_warmup_steps: Optional[int] = None  # dselect_k: then ramps linearly over these steps
+    noise: Optional[bool] = None  # topk: Shazeer et al.'s trainable noise (training only)
 
 
 @dataclass

@@ -38,6 +38,9 @@ REASONS = (
     "nonfinite_weight",  # NaN, Inf or negative sample weight
     "negative_id",  # negative id of a feature with id_policy error
     "id_out_of_range",  # id >= num_embeddings of a feature with id_policy error
+    # (appended, so the counters of earlier reasons keep their positions)
+    "checksum_mismatch",  # a page's CRC does not match its bytes: the row group is corrupt
+    "label_not_binary",  # a binary task's label is not 0 or 1 where the label exists
 )
 FILE_REASONS = REASONS[:5]
 
@@ -65,6 +68,7 @@ class SplitFiles:
     types: dict[str, pa.DataType]  # configured column -> Arrow type
     skipped_files: Counter = field(default_factory=Counter)  # reason -> files left out
     skipped_rows: Counter = field(default_factory=Counter)  # reason -> their rows (from footers)
+    first: dict[str, str] = field(default_factory=dict)  # reason -> why its first file is bad
 
     @property
     def total_rows(self) -> int:
@@ -245,6 +249,7 @@ def scan_split(
             if cfg.on_bad_rows == BadRows.error:
                 raise DataError(f"{msg} (data.on_bad_rows=skip leaves such files out)")
             out.skipped_files[reason] += 1
+            out.first.setdefault(reason, msg)
             out.skipped_rows[reason] += 0 if f.meta is None else f.meta.num_rows
             continue
         assert f.meta is not None

@@ -52,7 +52,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recsys_moe.config.schema import DataConfig, EqualSteps, WorkerType
 from recsys_moe.data.batch import Batch
-from recsys_moe.data.files import FILE_REASONS, REASONS, RowGroup, locate_split, scan_split
+from recsys_moe.data.files import (
+    FILE_REASONS,
+    REASONS,
+    DataError,
+    RowGroup,
+    locate_split,
+    scan_split,
+)
 from recsys_moe.data.parquet import Chunk, UnitDecoder
 
 log = logging.getLogger(__name__)
@@ -171,6 +178,7 @@ class SplitInput:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world_size ({world_size}))")
         self.split, self.rank, self.world_size = split, rank, world_size
+        self.group = group
         self.cfg = cfg
         self.train = split == "train"
         self.batch_size = cfg.batch_size if self.train else cfg.eval_batch_size
@@ -331,6 +339,40 @@ class SplitInput:
         batch = chunk.to_batch(self.decoder.keys)
         return batch.pin_memory() if self.pin_memory else batch
 
+    def check_rows(self, max_rows: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Reads and checks every row of this rank's row groups now, with the checks of its
+        batches, keeping nothing: under data.on_bad_rows=error the first bad row raises
+        DataError naming it, on every rank (a collective: call it on every rank). Returns the
+        rows a pass would leave out, per reason (REASONS order); None, without reading, when the
+        split has more than `max_rows` rows."""
+        where = f"data.{self.split} ({self.total_rows} rows)"
+        if max_rows is not None and self.total_rows > max_rows:
+            log.info(
+                "%s: not checked ahead (more than data.eval_check_max_rows = %d); its rows are "
+                "checked as they are read",
+                where,
+                max_rows,
+            )
+            return None
+        decoder = UnitDecoder(self.cfg)
+        counts = torch.zeros(len(REASONS), dtype=torch.int64)
+        error: Optional[DataError] = None
+        try:
+            for unit in self.units:
+                counts += decoder.read(self.fs, unit).skipped
+        except DataError as e:
+            error = e
+        # Every rank stops, not only the one that read the bad row: the others would otherwise
+        # wait for it in their next collective.
+        if _all_reduce(int(error is not None), dist.ReduceOp.MAX, self.group):
+            raise error or DataError(
+                f"{where}: another rank found a bad row (its error names file, row group and row)"
+            )
+        if counts.any():
+            left_out = {r: n for r, n in zip(REASONS, counts.tolist()) if n}
+            log.warning("%s: rank %d will leave out bad rows: %s", where, self.rank, left_out)
+        return counts
+
     # -- counters and state --------------------------------------------------------------------
 
     def counters(self) -> torch.Tensor:
@@ -430,6 +472,7 @@ def _validate(cfg: DataConfig) -> None:
         ("data.num_workers", cfg.num_workers, 0),
         ("data.prefetch_factor", cfg.prefetch_factor, 1),
         ("data.shuffle.buffer_rows", cfg.shuffle.buffer_rows, 0),
+        ("data.eval_check_max_rows", cfg.eval_check_max_rows, 0),
     )
     for key, value, low in checks:
         if value < low:

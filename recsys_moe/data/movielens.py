@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from recsys_moe.data.write import write_table
 
 GENRES = (
     "unknown",
@@ -303,7 +304,7 @@ def write_splits(
         n_files = max(1, min(files, part.num_rows))
         bounds = np.linspace(0, part.num_rows, n_files + 1).astype(int)
         for i in range(n_files):
-            pq.write_table(
+            write_table(
                 part.slice(bounds[i], bounds[i + 1] - bounds[i]),
                 folder / f"part-{i:05d}.parquet",
                 row_group_size=row_group_size,

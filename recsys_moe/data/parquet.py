@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys_moe.config.schema import BadRows, DataConfig, IdPolicy
+from recsys_moe.config.schema import BadRows, DataConfig, IdPolicy, TaskType
 from recsys_moe.data.batch import Batch
 from recsys_moe.data.files import REASONS, DataError, RowGroup, expected_columns, open_parquet
 
@@ -270,6 +270,8 @@ class UnitDecoder:
         self.has_weights = any(t.weight for t in cfg.tasks)
         self.skip = cfg.on_bad_rows == BadRows.skip
         self._open: tuple[str, pq.ParquetFile] | None = None  # keeps a file open across its units
+        # Under skip: reason -> where its first skipped row (or row group) was, in read order.
+        self.first_bad: dict[str, str] = {}
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -281,13 +283,20 @@ class UnitDecoder:
             table = self._open[1].read_row_group(unit.index, columns=self.columns)
         except Exception as e:  # noqa: BLE001 - corrupt pages raise several pyarrow errors
             self._open = None
+            # pyarrow names the failed CRC check in its message (an OSError, as other failures)
+            reason = "checksum_mismatch" if "checksum" in str(e).lower() else "unreadable"
+            what = {
+                "checksum_mismatch": "a page's checksum does not match its bytes (corrupt file)",
+                "unreadable": "the row group cannot be decoded",
+            }[reason]
+            msg = f"{where}: could not be read: {what} ({type(e).__name__}: {e})"
             if not self.skip:
                 raise DataError(
-                    f"{where}: could not be read ({type(e).__name__}: {e}) "
-                    "(data.on_bad_rows=skip leaves such row groups out)"
+                    f"{msg} (reason {reason}; data.on_bad_rows=skip leaves such row groups out)"
                 ) from e
+            self.first_bad.setdefault(reason, msg)
             chunk = self.empty()
-            chunk.skipped[_REASON_INDEX["unreadable"]] = unit.num_rows
+            chunk.skipped[_REASON_INDEX[reason]] = unit.num_rows
             return chunk
         return self.decode(table, where)
 
@@ -338,6 +347,14 @@ class UnitDecoder:
             bad.add(_nulls(col) & exists, "null_label", task.label_column, "is null")
             y = _floats(col, None, task.label_column, "")
             bad.add(~np.isfinite(y) & exists, "nan_label", task.label_column, "is NaN or infinite")
+            if task.type == TaskType.binary:  # BCE, AUC and log loss are defined for 0 and 1
+                bad.add(
+                    exists & np.isfinite(y) & (y != 0) & (y != 1),
+                    "label_not_binary",
+                    task.label_column,
+                    f"is not 0 or 1 (the label of binary task {task.name})",
+                    values=y,
+                )
             # A missing label may hold anything: kept as it is, unless NaN, Inf or null (-> 0).
             labels[:, t] = np.where(exists | np.isfinite(y), y, 0.0)
             if task.weight:
@@ -377,6 +394,8 @@ class UnitDecoder:
         if bad.any:
             chunk = chunk.take(torch.from_numpy(np.flatnonzero(~bad.mask)))
             chunk.skipped = torch.from_numpy(bad.counts)
+            for reason, msg in bad.first.items():
+                self.first_bad.setdefault(reason, msg)
         return chunk
 
     def _ids(self, col: pa.ChunkedArray, f, bad: _BadRows) -> tuple[np.ndarray, np.ndarray, int]:
@@ -421,7 +440,8 @@ class UnitDecoder:
 class _BadRows:
     """Bad-row bookkeeping of one table: raises at the first (error) or marks rows (skip).
 
-    A row is counted once, under the first reason found for it in check order.
+    A row is counted once, under the first reason found for it in check order. `first` keeps,
+    per reason, where its first counted row is (file, row group, row, column).
     """
 
     def __init__(self, n: int, skip: bool, where: str, column_keys: dict[str, str]) -> None:
@@ -429,19 +449,37 @@ class _BadRows:
         self.counts = np.zeros(len(REASONS), dtype=np.int64)
         self.skip, self.where, self.column_keys = skip, where, column_keys
         self.any = False
+        self.first: dict[str, str] = {}
 
-    def add(self, rows: np.ndarray, reason: str, column: str, what: str) -> None:
+    def _describe(self, row: int, column: str, what: str, values: Optional[np.ndarray]) -> str:
+        value = "" if values is None else f" (value {float(values[row]):g})"
+        return (
+            f"{self.where}: row {row}: column '{column}' ({self.column_keys[column]}) {what}{value}"
+        )
+
+    def add(
+        self,
+        rows: np.ndarray,
+        reason: str,
+        column: str,
+        what: str,
+        values: Optional[np.ndarray] = None,
+    ) -> None:
+        """Marks `rows` bad for `reason`; `values` (per row), when given, is quoted for the
+        first of them."""
         if not rows.any():
             return
         if not self.skip:
             first = int(np.argmax(rows))
             raise DataError(
-                f"{self.where}: row {first}: column '{column}' ({self.column_keys[column]}) "
-                f"{what} ({int(rows.sum())} such rows in this row group; reason {reason}; "
-                "data.on_bad_rows=skip leaves such rows out)"
+                f"{self._describe(first, column, what, values)} ({int(rows.sum())} such rows "
+                f"in this row group; reason {reason}; data.on_bad_rows=skip leaves such rows out)"
             )
         new = rows & ~self.mask
-        self.counts[_REASON_INDEX[reason]] += int(new.sum())
+        count = int(new.sum())
+        if count and reason not in self.first:
+            self.first[reason] = self._describe(int(np.argmax(new)), column, what, values)
+        self.counts[_REASON_INDEX[reason]] += count
         self.mask |= rows
         self.any = True
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from recsys_moe.data.write import write_table
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def write_split(table: pa.Table, out: Path, num_files: int, row_group_size: int,
     bounds = [0, *[int(c) for c in cuts], n]
     for i in range(num_files):
         part = table.slice(bounds[i], bounds[i + 1] - bounds[i])
-        pq.write_table(part, out / f"part-{i:05d}.parquet", row_group_size=row_group_size)
+        write_table(part, out / f"part-{i:05d}.parquet", row_group_size=row_group_size)
 
 
 def write(spec: SyntheticSpec, out: Path) -> None:

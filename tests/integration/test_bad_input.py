@@ -87,3 +87,31 @@ def test_non_finite_loss_stops_naming_step_and_task(tiny_train_config, tmp_path)
             trainer.train()
     finally:
         trainer.close()
+
+
+def _plant_eval_label(data, row: int, value: float):
+    """Sets click of one row of the first eval file's first row group (400 rows each)."""
+    path = sorted((data / "eval").glob("*.parquet"))[0]
+    t = pq.read_table(path)
+    click = t.column("click").to_pylist()
+    click[row] = value
+    i = t.schema.get_field_index("click")
+    pq.write_table(
+        t.set_column(i, "click", pa.array(click, pa.float32())), path, row_group_size=400
+    )
+    return path
+
+
+def test_bad_eval_row_stops_the_run_before_training(tiny_train_config, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    path = _plant_eval_label(data, 7, 2.0)
+    tiny_train_config.data.path = str(data)
+    # Raised while the Trainer is built: no model, no step 1.
+    with pytest.raises(DataError) as e:
+        _trainer(tiny_train_config, tmp_path)
+    assert f"{path}: row group 0: row 7: column 'click'" in str(e.value)
+    assert "reason label_not_binary" in str(e.value)
+    # Above data.eval_check_max_rows the rows are checked only as they are read.
+    tiny_train_config.data.eval_check_max_rows = 999  # the eval split has 1000 rows
+    _trainer(tiny_train_config, tmp_path).close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -14,7 +15,8 @@ from tests.tests_support import train_run
 def test_gate_telemetry_is_logged(tiny_train_config, tmp_path, gate):
     cfg = tiny_train_config
     cfg.model.gate.type = gate
-    cfg.model.gate.entropy_reg = 0.5
+    if gate == GateType.dselect_k:
+        cfg.model.gate.entropy_reg = 0.5  # a key only DSelect-k uses (others reject it)
     cfg.model.num_experts = 6  # not a power of two: DSelect-k's reachability term is active
     cfg.model.expert_compute = ExpertCompute.auto
     cfg.trainer.eval_every = 10
@@ -41,3 +43,29 @@ def test_gate_telemetry_is_logged(tiny_train_config, tmp_path, gate):
     assert len(heatmaps) >= 2  # every eval writes one
     if gate == GateType.softmax:
         assert "eval/moe/sparse_fraction" in summary and summary["eval/moe/sparse_fraction"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "gate, per_example",
+    [
+        (GateType.dselect_k, True),
+        (GateType.dselect_k, False),
+        (GateType.topk, True),
+        (GateType.softmax, True),
+    ],
+)
+def test_one_expert_trains_with_every_gate(tiny_train_config, tmp_path, gate, per_example):
+    cfg = tiny_train_config
+    cfg.model.num_experts = 1
+    cfg.model.gate.type, cfg.model.gate.per_example = gate, per_example
+    if gate != GateType.softmax:
+        cfg.model.gate.k = 1
+    if gate == GateType.dselect_k:
+        cfg.model.gate.entropy_reg = 0.5
+    cfg.trainer.max_steps = 6
+    summary = train_run(cfg, tmp_path)
+    assert summary["step"] == 6
+    for task in cfg.data.tasks:
+        assert summary[f"eval/gate/{task.name}/active_experts"] == 1.0
+        assert summary[f"eval/gate/{task.name}/weight/0"] == pytest.approx(1.0)
+    assert all(math.isfinite(v) for k, v in summary.items() if k.startswith("eval/click/"))

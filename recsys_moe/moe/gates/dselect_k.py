@@ -149,7 +149,8 @@ class DSelectKGate(Gate):
             return self.z, self.alpha
         out = self.proj(x_BD)
         km = self.k * self.num_bits
-        return out[:, :km].reshape(-1, self.k, self.num_bits), out[:, km:]
+        # the batch size spelt out: with one expert M = 0 and the reshape has no -1 to infer
+        return out[:, :km].reshape(x_BD.shape[0], self.k, self.num_bits), out[:, km:]
 
     def _window_and_alpha(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u = clamp(Z / gamma + 1/2, 0, 1) [B, K, M] and alpha [B, K] (static: [K, M], [K]).
@@ -163,7 +164,7 @@ class DSelectKGate(Gate):
         km = self.k * self.num_bits
         w, b, scale = self.proj.weight, self.proj.bias, self.fold_scale
         out = F.linear(x_BD, w * scale[:, None], b * scale + self.fold_shift)
-        u = out[:, :km].reshape(-1, self.k, self.num_bits).clamp(0.0, 1.0)
+        u = out[:, :km].reshape(x_BD.shape[0], self.k, self.num_bits).clamp(0.0, 1.0)
         return u, out[:, km:]
 
     def current_entropy_reg(self) -> torch.Tensor:

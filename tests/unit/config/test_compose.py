@@ -99,3 +99,27 @@ def test_wrong_type_fails_naming_the_key():
 def test_unknown_group_option_lists_the_available_ones():
     with pytest.raises(MissingConfigException, match="softmax"):
         _compose("model/gate=nope")
+
+
+def test_switching_gates_on_the_command_line(tmp_path):
+    """A gate option sets only its own keys, so any gate can follow any other; a key that an
+    experiment set for one gate is an error with another, until it is unset (null)."""
+    from recsys_moe.moe.gates import SoftmaxGate, TopKGate, build_gate
+
+    for gate, cls in (("softmax", SoftmaxGate), ("topk", TopKGate)):
+        cfg = _compose(f"model/gate={gate}").model.gate
+        assert isinstance(build_gate(cfg, 8, in_dim=5), cls)
+        assert cfg.gamma is None and cfg.entropy_reg is None  # dselect_k's keys are not set
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "two_of_16.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /model/gate: topk\n"
+        "model:\n  num_experts: 16\n  gate:\n    k: 2\n"
+    )
+    search = f"hydra.searchpath=[file://{tmp_path}]"
+    assert _compose(search, "+experiment=two_of_16").model.gate.k == 2
+    cfg = _compose(search, "+experiment=two_of_16", "model/gate=softmax").model.gate
+    with pytest.raises(ValueError, match=r"model\.gate\.k \(2\) is not used by the softmax gate"):
+        build_gate(cfg, 16, in_dim=5)
+    cfg = _compose(search, "+experiment=two_of_16", "model/gate=softmax", "model.gate.k=null")
+    assert isinstance(build_gate(cfg.model.gate, 16, in_dim=5), SoftmaxGate)

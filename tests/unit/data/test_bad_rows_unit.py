@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from recsys_moe.config.schema import DataConfig
-from recsys_moe.data.files import DataError
+from recsys_moe.data.files import REASONS, DataError
 from recsys_moe.data.loader import SplitInput
 from recsys_moe.data.parquet import hash_ids
 
@@ -103,6 +103,10 @@ ROW_CASES = {
     "null_id_in_list": ({"tags": [1, None]}, "null_value", "tags"),
     "negative_weight": ({"w": -1.0}, "nonfinite_weight", "w"),
     "null_mask": ({"m": None}, "null_value", "m"),
+    # y is a binary task: its label must be 0 or 1 where it exists (r, a regression task, is free)
+    "label_2": ({"y": 2.0}, "label_not_binary", "y"),
+    "label_minus_1": ({"y": -1.0}, "label_not_binary", "y"),
+    "label_half": ({"y": 0.5}, "label_not_binary", "y"),
 }
 
 
@@ -129,8 +133,31 @@ def test_bad_row_is_skipped_and_counted(root, case):
     assert metrics["data/padded_rows"] == 2
 
 
+@pytest.mark.parametrize("label, value", [(2.0, "2"), (-1.0, "-1"), (0.5, "0.5")])
+def test_binary_label_error_names_task_and_value(root, label, value):
+    _bad_file(root, y=label)
+    with pytest.raises(DataError) as e:
+        _run(root)
+    assert f"is not 0 or 1 (the label of binary task y) (value {value})" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "values, arrow_type",
+    [([1, 0, 1, 0], pa.int64()), ([True, False, True, False], pa.bool_())],
+)
+def test_integer_and_bool_binary_labels_are_accepted(root, values, arrow_type):
+    cols = {**GOOD, "rid": [10, 11, 12, 13], "y": values}
+    _write(root / "train" / "b.parquet", cols, {"y": arrow_type})
+    _write(root / "train" / "a.parquet", {**GOOD, "y": values}, {"y": arrow_type})
+    ids, metrics = _run(root)
+    assert ids == [0, 1, 2, 3, 10, 11, 12, 13] and metrics["data/skipped_rows"] == 0
+
+
 def test_masked_label_may_hold_anything(root):
     _bad_file(root, y=math.nan, m=False)
+    ids, metrics = _run(root)
+    assert ids == [0, 1, 2, 3, 10, 11, 12, 13] and metrics["data/skipped_rows"] == 0
+    _bad_file(root, y=2.0, m=False)  # not 0 or 1, but the label does not exist on this row
     ids, metrics = _run(root)
     assert ids == [0, 1, 2, 3, 10, 11, 12, 13] and metrics["data/skipped_rows"] == 0
     _bad_file(root, y=None, m=False)
@@ -223,23 +250,36 @@ def test_bad_file_is_skipped_and_counted(root, case):
     assert metrics["data/skipped_rows"] == footer_rows
 
 
-def _corrupt_first_page(path: Path) -> None:
-    meta = pq.read_metadata(path)
-    col = meta.row_group(0).column(0)
+def _corrupt_first_column_chunk(path: Path, where: str) -> None:
+    """Flips bytes of the first column chunk of row group 0: its first page's header (the chunk
+    starts with a page header), or the last byte of its last page's payload."""
+    col = pq.read_metadata(path).row_group(0).column(0)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
     data = bytearray(path.read_bytes())
-    at = col.data_page_offset + col.total_compressed_size - 6
-    data[at : at + 4] = b"\xff\xff\xff\xff"
+    if where == "header":
+        data[start : start + 4] = b"\xff\xff\xff\xff"
+    else:
+        data[start + col.total_compressed_size - 1] ^= 0x01
     path.write_bytes(bytes(data))
 
 
-def test_corrupt_row_group_raises_or_is_skipped(root):
-    _bad_file(root)
-    _corrupt_first_page(root / "train" / "b.parquet")
-    with pytest.raises(DataError, match=r"b.parquet: row group 0: could not be read"):
+@pytest.mark.parametrize(
+    "where, reason, text",
+    [
+        ("payload", "checksum_mismatch", "a page's checksum does not match its bytes"),
+        ("header", "unreadable", "the row group cannot be decoded"),
+    ],
+)
+def test_corrupt_row_group_raises_or_is_skipped(root, where, reason, text):
+    _bad_file(root)  # written with page checksums, which the reader verifies
+    _corrupt_first_column_chunk(root / "train" / "b.parquet", where)
+    with pytest.raises(DataError) as e:
         _run(root)
+    assert "b.parquet: row group 0: could not be read: " + text in str(e.value), str(e.value)
+    assert f"reason {reason}" in str(e.value)
     ids, metrics = _run(root, on_bad_rows="skip")
     assert ids == [0, 1, 2, 3]
-    assert metrics["data/skipped_rows/unreadable"] == 4
+    assert metrics[f"data/skipped_rows/{reason}"] == 4 and metrics["data/skipped_rows"] == 4
     assert metrics["data/padded_rows"] == 5  # 3 batches of 3 over 4 real rows
 
 
@@ -273,3 +313,14 @@ def test_errors_and_counts_come_back_from_workers(root, kind):
     ids = sorted(i for b, _ in inp.batches() for i in b.row_ids.tolist() if i >= 0)
     assert ids == [0, 1, 2, 3, 10, 11, 13]
     assert inp.metrics()["data/skipped_rows/nonfinite_dense"] == 1
+
+
+def test_check_rows_reads_every_row_ahead_within_its_limit(root):
+    _bad_file(root, y=2.0)
+    with pytest.raises(DataError, match=r"b.parquet: row group 0: row 2: column 'y'"):
+        SplitInput(_config(root), "train").check_rows()
+    inp = SplitInput(_config(root, on_bad_rows="skip"), "train")
+    counts = inp.check_rows(max_rows=8)  # the split has 8 rows
+    assert counts.tolist() == [int(r == "label_not_binary") for r in REASONS]
+    assert inp.check_rows(max_rows=7) is None  # over the limit: nothing read
+    assert SplitInput(_config(root), "train").check_rows(max_rows=7) is None

@@ -84,3 +84,67 @@ def test_bad_lines_name_file_and_line(tmp_path, capsys):
     assert (
         "bad.txt (cat_1): line 1: categorical value is not hexadecimal" in capsys.readouterr().err
     )
+
+
+def _csv_with_header(lines: list[str]) -> str:
+    """The same examples as a comma-separated file with a header line and floats for integers."""
+    head = ",".join(["Label", *[f"I{i}" for i in range(1, 14)], *[f"C{i}" for i in range(1, 27)]])
+    rows = []
+    for line in lines:
+        fields = line.rstrip("\n").split("\t")
+        fields[1:14] = [f"{float(x)}" if x else "" for x in fields[1:14]]
+        rows.append(",".join(fields))
+    return "\n".join([head, *rows]) + "\n"
+
+
+def test_comma_separated_with_header_and_float_integers_is_read_the_same(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(LINES))
+    (tmp_path / "b.csv").write_text(_csv_with_header(LINES))
+    for name in ("a.txt", "b.csv"):
+        convert([tmp_path / name], tmp_path / name.split(".")[0], val_fraction=0, test_fraction=0)
+    assert pq.read_table(tmp_path / "a" / "train").equals(pq.read_table(tmp_path / "b" / "train"))
+
+
+@pytest.mark.parametrize(
+    "bad_line, text",
+    [
+        (
+            _line(1, ["2", "abc"] + ["1"] * 11, CATS_2),
+            "line 3: int_2 (field 3) is not a number: 'abc'",
+        ),
+        ("1\t2\t3\n", "line 3: not 40 fields"),
+        (_line(2, INTS_1, CATS_1), "line 3: the label (2) is not 0 or 1"),
+        (_line(1, INTS_1, ["xyz"] + [""] * 25), "(cat_1): line 3: categorical value is not hex"),
+    ],
+)
+def test_bad_line_names_file_line_and_field_and_leaves_no_output(tmp_path, capsys, bad_line, text):
+    src = tmp_path / "day_0"
+    src.write_text("".join(LINES) + bad_line + LINES[0])
+    with pytest.raises(SystemExit):
+        main(["--src", str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert str(src) in err and text in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_first_line_that_is_not_criteo_names_the_format(tmp_path, capsys):
+    src = tmp_path / "sample.csv"
+    src.write_text("label;i1;c1\n1;2;a\n")
+    with pytest.raises(SystemExit):
+        main(["--src", str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert f"{src}: line 1 has 1 tab-separated and 1 comma-separated fields, not 40" in err
+    assert "tab-separated (or comma-separated)" in err and not (tmp_path / "out").exists()
+
+
+def test_line_numbers_count_across_blocks(tmp_path):
+    src = tmp_path / "day_0"
+    lines = [LINES[i % 2] for i in range(120)]
+    lines[88] = _line(1, INTS_2, ["q"] + [""] * 25)
+    src.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"day_0 \(cat_1\): line 89: categorical value"):
+        convert([src], tmp_path / "out", block_bytes=1000)  # about 10 lines per block
+    lines[88] = _line(1, ["1.5", "x"] + [""] * 11, CATS_2)
+    src.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"day_0: line 89: int_2 \(field 3\) is not a number"):
+        convert([src], tmp_path / "out", block_bytes=1000)
