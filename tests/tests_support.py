@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from recsys_moe.config.schema import DataConfig, TrainConfig
+from recsys_moe.distributed.local_ranks import free_port, run_gloo_ranks
 from tests.conftest import synthetic_data_config
+
+__all__ = ["data_config", "free_port", "run_gloo_ranks", "train_run"]
 
 
 def data_config(path: Path, **overrides) -> DataConfig:
@@ -29,26 +25,3 @@ def train_run(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         return trainer.train()
     finally:
         trainer.close()
-
-
-def run_gloo_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
-    """Runs fn(rank, *args) in `world` spawned processes joined in one gloo process group;
-    returns what each rank's call returned, by rank. fn must be a module-level function."""
-    out = mp.Manager().dict()
-    mp.spawn(_gloo_rank, args=(world, _free_port(), fn, args, out), nprocs=world, join=True)
-    return [out[rank] for rank in range(world)]
-
-
-def _gloo_rank(rank: int, world: int, port: int, fn, args: tuple, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out[rank] = fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,7 +1,7 @@
 """The parallel layout: one object owns the degrees, checks them once and builds the groups.
 
-Ranks sit on a (dp, ep) device mesh, ep innermost: rank = dp_rank * ep + ep_rank, so the ranks
-of one expert-parallel group are consecutive (the GPUs of one node while ep <= GPUs per node,
+Ranks sit on a (dp, ep) grid, ep innermost: rank = dp_rank * ep + ep_rank, so the ranks of
+one expert-parallel group are consecutive (the GPUs of one node while ep <= GPUs per node,
 where the all-to-all stays on NVLink).
 
 - world (every rank): the global batch is split over all of them (each reads its data shards);
@@ -12,11 +12,13 @@ where the all-to-all stays on NVLink).
   reduced over them.
 
 GPU jobs get one process group for both kinds of tensors (`cpu:gloo,cuda:nccl`): the loader and
-the metrics reduce host tensors, the model reduces device tensors.
+the metrics reduce host tensors, the model reduces device tensors. Every group gets the job's
+collective timeout (trainer.collective_timeout_s): a peer that dies or hangs ends the wait with
+an error instead of torch's 30-minute default (which new groups would otherwise get).
 
 Example:
     >>> dims = ParallelDims.from_env(ParallelConfig(ep_size=2), num_experts=8)   # checks only
-    >>> dims.init(device_pref="auto", timeout_s=600)                            # joins, builds
+    >>> dims.init(device_pref="auto", timeout_s=600)                            # joins, groups
     >>> dims.ep_group, dims.dp_group, dims.world_group
 """
 
@@ -30,7 +32,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from recsys_moe.config.schema import ParallelConfig
 
@@ -59,7 +60,7 @@ class ParallelDims:
     """World size, expert-parallel degree and the derived expert-replica degree, validated once.
 
     Build it with `from_env` (no communication: fails before anything is built when the degrees
-    do not fit), then `init` joins the job and builds the mesh and its groups.
+    do not fit), then `init` joins the job and builds its groups.
     """
 
     world_size: int
@@ -67,7 +68,7 @@ class ParallelDims:
     rank: int = 0
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: Optional[DeviceMesh] = None
+    groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)  # "ep", "dp" (by init)
     owns_default_group: bool = False  # init() created the default group (close() destroys it)
 
     def __post_init__(self) -> None:
@@ -127,7 +128,7 @@ class ParallelDims:
 
     def init(self, device_pref: str = "auto", timeout_s: float = 600.0) -> ParallelDims:
         """Joins the job (or makes a one-process group, so that TorchRec's sharding runs the same
-        way for one process or many) and builds the (dp, ep) mesh. Reuses an already
+        way for one process or many) and builds this rank's ep and dp groups. Reuses an already
         initialised default group (tests spawn their own ranks)."""
         if not timeout_s > 0:
             raise ValueError(f"trainer.collective_timeout_s ({timeout_s}) must be > 0")
@@ -147,11 +148,12 @@ class ParallelDims:
                 f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) is not "
                 f"the job this layout was checked for (rank {self.rank} of {self.world_size})"
             )
-        self.mesh = init_device_mesh(
-            "cuda" if self.device.type == "cuda" else "cpu",
-            (self.dp, self.ep),
-            mesh_dim_names=("dp", "ep"),
-        )
+        # every rank creates every group, in the same order (torch.distributed requires it)
+        ep_groups = [list(range(d * self.ep, (d + 1) * self.ep)) for d in range(self.dp)]
+        dp_groups = [list(range(e, self.world_size, self.ep)) for e in range(self.ep)]
+        for axis, ranks in (("ep", ep_groups), ("dp", dp_groups)):
+            mine, _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout)
+            self.groups[axis] = mine
         log.info(
             "rank %d/%d on %s (%s): ep %d (rank %d in its group), expert replicas %d",
             self.rank,
@@ -165,9 +167,9 @@ class ParallelDims:
         return self
 
     def _group(self, axis: str) -> dist.ProcessGroup:
-        if self.mesh is None:
+        if axis not in self.groups:
             raise RuntimeError("ParallelDims.init() has not built the groups yet")
-        return self.mesh.get_group(axis)
+        return self.groups[axis]
 
     @property
     def world_group(self) -> dist.ProcessGroup:

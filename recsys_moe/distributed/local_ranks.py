@@ -1,0 +1,45 @@
+"""Several ranks on this machine, for benchmarks and tests of the distributed paths (gloo on CPU;
+`cpu:gloo,cuda:nccl` where there are GPUs)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_gloo_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    """Runs fn(rank, *args) in `world` spawned processes joined in one gloo process group;
+    returns what each rank's call returned, by rank. fn must be a module-level function."""
+    return run_ranks(fn, world, "gloo", *args)
+
+
+def run_ranks(fn: Callable[..., Any], world: int, backend: str, *args: Any) -> list[Any]:
+    """run_gloo_ranks with another backend (e.g. "cpu:gloo,cuda:nccl"; rank r uses GPU r)."""
+    out = mp.Manager().dict()
+    mp.spawn(_rank, args=(world, backend, free_port(), fn, args, out), nprocs=world, join=True)
+    return [out[rank] for rank in range(world)]
+
+
+def _rank(rank: int, world: int, backend: str, port: int, fn, args: tuple, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "nccl" in backend:
+        import torch
+
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        out[rank] = fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
