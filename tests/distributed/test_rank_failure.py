@@ -44,6 +44,8 @@ def _rank(rank: int, port: int, cfg, run_dir: str, sig: int, results) -> None:
         results.put((rank, "finished", ""))
     except BaseException as e:  # noqa: BLE001 (reported to the test)
         results.put((rank, type(e).__name__, str(e)))
+    results.close()
+    results.join_thread()  # flushed before the hard exit below
     os._exit(0)  # no teardown: the peer is gone
 
 
