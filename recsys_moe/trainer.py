@@ -151,7 +151,7 @@ class Trainer:
         the end. Returns the summary written to summary.json."""
         tc, env = self.cfg.trainer, self.env
         T = len(self.task_names)
-        global_batch = self.train_data.batch_size * env.world_size
+        global_batch = self.train_data.batch_size  # global: split over the ranks
         # Device-side accumulators: the loop syncs the host only on logging steps.
         acc_loss = torch.zeros((), device=self.device)
         acc_tasks = torch.zeros(T, device=self.device)
