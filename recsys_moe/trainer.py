@@ -204,7 +204,7 @@ class Trainer:
             T,
             self.train_data.steps,
             self.train_data.batch_size,
-            getattr(self.train_data, "local_batch_size", self.train_data.batch_size),
+            self.train_data.local_batch_size,
             kind.value,
         )
 
@@ -269,7 +269,7 @@ class Trainer:
     def _train(self) -> dict[str, float]:
         tc, dims = self.cfg.trainer, self.dims
         T = len(self.task_names)
-        global_batch = self.train_data.batch_size
+        global_batch = self.train_data.batch_size  # global: split over the ranks
         # Device-side accumulators: the loop syncs the host only on logging steps.
         acc = torch.zeros(T + 1, device=self.device)  # the loss, then each task's
         acc_n = 0

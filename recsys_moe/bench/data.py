@@ -10,7 +10,7 @@ size and columns:
   thread pool;
 - loader: SplitInput producing training Batches (validated, shuffled, KeyedJaggedTensors) with
   data.num_workers = 0, 1 and 2 (worker threads, the default data.worker_type), with 1 and 2
-  DataLoader worker processes, and with shuffling off (1 worker).
+  worker processes (data.worker_type=process), and with shuffling off (1 worker).
 Each case runs once per round, --repeats rounds; the JSON holds every run, the median rows/s of
 each case and "ratios" (medians over rounds of the ratio within a round), among them
 loader_vs_raw_decode = loader (1 worker) / raw (single-threaded); the goal is >= 0.8.

@@ -37,17 +37,17 @@ class BadRows(str, Enum):
 
 
 class EqualSteps(str, Enum):
-    """How every rank gets the same number of train steps per epoch."""
+    """How every data shard (so every rank) gets the same number of train steps per epoch."""
 
-    drop = "drop"  # each rank runs the global minimum of full batches; the rest is dropped
-    pad = "pad"  # each rank runs the global maximum; missing rows are zero-weight padding
+    drop = "drop"  # each shard runs the minimum over shards of full batches; the rest is dropped
+    pad = "pad"  # each shard runs the maximum; missing rows are zero-weight padding
 
 
 class WorkerType(str, Enum):
     """What data.num_workers counts."""
 
     thread = "thread"  # threads of the training process (no copies between processes)
-    process = "process"  # torch DataLoader worker processes (windows sent through shared memory)
+    process = "process"  # worker processes (windows sent through shared memory)
 
 
 class GateType(str, Enum):
@@ -108,8 +108,9 @@ class ShuffleConfig:
     enabled: bool = True
     seed: int = 0
     # Rows of consecutive row groups gathered into one window that is permuted as a whole
-    # (memory per rank: about (1 + num_workers x prefetch_factor) windows of buffer_rows plus a
-    # row group). 0: row groups are shuffled but rows within them keep their order.
+    # (memory per rank: about (shards per rank) x (1 + num_workers x prefetch_factor) windows of
+    # buffer_rows plus a row group). 0: row groups are shuffled but rows within them keep their
+    # order.
     buffer_rows: int = 65536
 
 
@@ -122,8 +123,14 @@ class DataConfig:
     path: str = MISSING
     train: str = "train"  # train split: a folder, file or glob, relative to path
     eval: str = "eval"  # eval split, likewise
+    # Global batches: rows per step over all ranks together, split evenly over the ranks
+    # (eval: each rank takes ceil(eval_batch_size / world size)).
     batch_size: int = 512
     eval_batch_size: int = 4096
+    # Data shards of the train split (0: one per rank). Each shard is read as one stream; rank r
+    # of W reads shards [r V/W, (r+1) V/W). Runs with the same num_shards see the same global
+    # batches on any world size dividing it, and resume on one another's loader positions.
+    num_shards: int = 0
     dense: list[str] = field(default_factory=list)  # float columns, in order
     sparse: list[SparseFeature] = field(default_factory=list)
     tasks: list[TaskSpec] = field(default_factory=list)
@@ -133,7 +140,7 @@ class DataConfig:
     # split has at most this many rows (0: never), so that a bad eval row stops the run before
     # training rather than at the first eval.
     eval_check_max_rows: int = 2_000_000
-    equal_steps: EqualSteps = EqualSteps.drop  # train steps per epoch, equal on every rank
+    equal_steps: EqualSteps = EqualSteps.drop  # train steps per epoch, equal on every shard
     num_workers: int = 0  # workers per rank building shuffle windows (0: in the training loop)
     worker_type: WorkerType = WorkerType.thread
     prefetch_factor: int = 2  # shuffle windows (or row groups) each worker prepares ahead

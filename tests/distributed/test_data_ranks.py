@@ -1,5 +1,6 @@
-"""Real gloo ranks on CPU read the same rows, in the same order and steps, as simulated ranks;
-a bad eval row found by one rank before training stops every rank."""
+"""Real gloo ranks on CPU read the global batches of a one-process run (data.num_shards fixed),
+and the positions they save resume the run on one and on four (simulated) ranks; a bad eval row
+found by one rank before training stops every rank."""
 
 from __future__ import annotations
 
@@ -8,26 +9,36 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import torch.distributed as dist
 
 from recsys_moe.data.files import DataError
-from recsys_moe.data.loader import SplitInput
-from tests.tests_support import data_config, run_gloo_ranks
+from recsys_moe.data.loader import SplitInput, merge_states
+from tests.tests_support import data_config, global_batches, ranks_of, run_gloo_ranks
 
 WORLD = 2
+STOP = 5  # batches of the second epoch read before the ranks save their positions
+
+
+def _cfg(path):
+    return data_config(
+        path, batch_size=120, num_shards=4, num_workers=2, shuffle={"buffer_rows": 500}
+    )
 
 
 def _rank(rank: int, path: str, bad_path: str) -> tuple:
-    cfg = data_config(path, batch_size=64, num_workers=1)
-    inp = SplitInput(cfg, "train", rank, WORLD, dist.group.WORLD)
+    inp = SplitInput(_cfg(path), "train", rank, WORLD, dist.group.WORLD)
     ids = [b.row_ids.tolist() for b, _ in inp.batches()]
-    return inp.steps, ids, inp.metrics(dist.group.WORLD), _check_eval(rank, bad_path)
+    it = inp.batches()
+    ids += [next(it)[0].row_ids.tolist() for _ in range(STOP)]
+    state = inp.state_dict()
+    it.close()
+    return inp.steps, ids, state, inp.metrics(dist.group.WORLD), _check_eval(rank, bad_path)
 
 
 def _check_eval(rank: int, path: str) -> str:
     inp = SplitInput(data_config(path), "eval", rank, WORLD, dist.group.WORLD)
-    bad = [u for u in inp.units if u.path.endswith("part-00001.parquet") and u.index == 0]
+    units = [u for shard in inp.shards for u in shard.units]
+    bad = [u for u in units if u.path.endswith("part-00001.parquet") and u.index == 0]
     try:
         inp.check_rows()
     except DataError as e:
@@ -50,22 +61,27 @@ def ranks(tiny_data, tmp_path_factory):
     return run_gloo_ranks(_rank, WORLD, str(tiny_data), str(bad))
 
 
-def test_gloo_ranks_equal_simulated_ranks(tiny_data, ranks):
-    cfg = data_config(tiny_data, batch_size=64, num_workers=1)
-    for rank in range(WORLD):
-        sim = SplitInput(cfg, "train", rank, WORLD)
-        steps, ids, metrics, _ = ranks[rank]
-        assert steps == sim.steps
-        assert ids == [b.row_ids.tolist() for b, _ in sim.batches()]
-        # counters are summed over ranks: the dropped rows are global, the same on every rank
-        assert metrics["data/dropped_rows_per_epoch"] == sim.dropped_rows
-    seen = [i for r in range(WORLD) for b in ranks[r][1] for i in b]
-    assert len(seen) == len(set(seen)) == ranks[0][0] * 64 * WORLD
-    assert torch.tensor(seen).max() < 3000
+def test_gloo_ranks_read_the_one_process_global_batches_and_resume_elsewhere(tiny_data, ranks):
+    cfg = _cfg(tiny_data)
+    one = ranks_of(cfg, 1)
+    ref = global_batches(one, epochs=3)
+    steps = one[0].steps
+    assert [r[0] for r in ranks] == [steps] * WORLD
+    gloo = [ranks[0][1][s] + ranks[1][1][s] for s in range(steps + STOP)]  # in rank order
+    assert gloo == ref[: steps + STOP]
+    # counters are summed over ranks: the dropped rows are global, the same on every rank
+    assert ranks[0][3]["data/dropped_rows_per_epoch"] == one[0].dropped_rows > 0
+
+    merged = merge_states([r[2] for r in ranks])
+    for world in (1, 4):
+        resumed = ranks_of(cfg, world)
+        for r in resumed:
+            r.load_state_dict(merged)
+        assert global_batches(resumed, epochs=2) == ref[steps + STOP :]
 
 
 def test_a_bad_eval_row_stops_every_rank(ranks):
-    out = [r[3] for r in ranks]
+    out = [r[4] for r in ranks]
     reader = [o for o in out if o.startswith("reads the bad row")]
     assert len(reader) == 1 and "row 2: column 'dense_0'" in reader[0], out
     other = [o for o in out if o.startswith("other")]

@@ -6,6 +6,7 @@ ids 10-13; row 2 is made bad per case)."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -324,3 +325,22 @@ def test_check_rows_reads_every_row_ahead_within_its_limit(root):
     assert counts.tolist() == [int(r == "label_not_binary") for r in REASONS]
     assert inp.check_rows(max_rows=7) is None  # over the limit: nothing read
     assert SplitInput(_config(root), "train").check_rows(max_rows=7) is None
+
+
+def test_counts_are_summed_over_shards_and_ranks_file_counts_once(root):
+    # b.parquet: row 2 bad; c.parquet: a column missing, so the whole file (4 rows) is left out.
+    _bad_file(root, x=math.nan)
+    _write(root / "train" / "c.parquet", {k: v for k, v in GOOD.items() if k != "x"})
+    cfg = _config(root, on_bad_rows="skip")
+    cfg.batch_size, cfg.num_shards = 2, 2  # a.parquet and b.parquet: one shard each
+    for world in (1, 2):  # two shards on one rank, or one on each of two ranks
+        ranks = [SplitInput(cfg, "train", r, world) for r in range(world)]
+        ids = sorted(i for r in ranks for b, _ in r.batches() for i in b.row_ids.tolist())
+        assert [i for i in ids if i >= 0] == [0, 1, 2, 3, 10, 11, 13]
+        total: Counter = Counter()  # what metrics(group) sums over ranks
+        for r in ranks:
+            total.update(r.metrics())
+        assert total["data/skipped_files/missing_column"] == 1
+        assert total["data/skipped_rows/missing_column"] == 4  # from the footer, counted once
+        assert total["data/skipped_rows/nonfinite_dense"] == 1
+        assert total["data/padded_rows"] == 1  # replaces the bad row at the end of the epoch

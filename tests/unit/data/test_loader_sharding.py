@@ -1,5 +1,6 @@
 """Rows of an epoch are read exactly once across ranks and workers; shuffling is seeded;
-equal steps hold; a resumed loader yields exactly what the uninterrupted one would have."""
+equal steps hold; a resumed loader yields exactly what the uninterrupted one would have.
+data.batch_size is global: a rank's batches hold batch_size / world_size rows."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ def _flat(batches: list[list[int]]) -> list[int]:
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_every_row_exactly_once_across_ranks_and_workers(tiny_data, world_size, workers):
-    cfg = data_config(tiny_data, batch_size=64, num_workers=workers, equal_steps="pad")
+    cfg = data_config(tiny_data, batch_size=64 * world_size, num_workers=workers, equal_steps="pad")
     ranks = [SplitInput(cfg, "train", r, world_size) for r in range(world_size)]
     assert len({r.steps for r in ranks}) == 1
+    assert all(r.local_batch_size == 64 and r.batch_size == 64 * world_size for r in ranks)
     for epoch in range(2):
         per_rank = [_epoch_ids(r) for r in ranks]
         assert all(len(b) == ranks[0].steps for b in per_rank)  # equal steps
@@ -39,7 +41,7 @@ def test_every_row_exactly_once_across_ranks_and_workers(tiny_data, world_size, 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_drop_policy_runs_global_min_and_counts_the_rest(tiny_data, world_size, workers):
-    cfg = data_config(tiny_data, batch_size=64, num_workers=workers)
+    cfg = data_config(tiny_data, batch_size=64 * world_size, num_workers=workers)
     ranks = [SplitInput(cfg, "train", r, world_size) for r in range(world_size)]
     steps = ranks[0].steps
     assert steps == min(r.rank_rows for r in ranks) // 64
@@ -62,7 +64,8 @@ def test_units_are_balanced_by_rows_not_files():
     assert sorted(i for a in parts for i in a) == list(range(12))  # a partition
 
 
-def test_worker_count_and_type_do_not_change_the_rows_or_their_order(tiny_data):
+@pytest.mark.parametrize("num_shards", [0, 4])  # one shard per rank; two shards on one pool
+def test_worker_count_and_type_do_not_change_the_rows_or_their_order(tiny_data, num_shards):
     seqs = []
     for workers, kind in (
         (0, "thread"),
@@ -73,19 +76,25 @@ def test_worker_count_and_type_do_not_change_the_rows_or_their_order(tiny_data):
     ):
         cfg = data_config(
             tiny_data,
-            batch_size=50,
+            batch_size=100,
+            num_shards=num_shards,
             num_workers=workers,
             worker_type=kind,
             shuffle={"buffer_rows": 500},
         )
         seqs.append(_epoch_ids(SplitInput(cfg, "train", 1, 2)))
     assert all(s == seqs[0] for s in seqs[1:])
+    assert all(len(b) == 50 for b in seqs[0])
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_row_exactly_once_with_worker_processes(tiny_data, world_size):
     cfg = data_config(
-        tiny_data, batch_size=64, num_workers=2, worker_type="process", equal_steps="pad"
+        tiny_data,
+        batch_size=64 * world_size,
+        num_workers=2,
+        worker_type="process",
+        equal_steps="pad",
     )
     ranks = [SplitInput(cfg, "train", r, world_size) for r in range(world_size)]
     ids = [i for r in ranks for i in _flat(_epoch_ids(r)) if i >= 0]
@@ -116,24 +125,29 @@ def test_no_shuffle_reads_in_file_order(tiny_data):
 
 
 def test_eval_pads_with_unreal_masked_batches_on_short_ranks(tiny_data):
-    cfg = data_config(tiny_data, eval_batch_size=300)
+    cfg = data_config(tiny_data, eval_batch_size=899, num_shards=6)  # num_shards: train only
     ranks = [SplitInput(cfg, "eval", r, 3) for r in range(3)]
-    seen = []
+    assert ranks[0].local_batch_size == 300  # ceil(899 / 3)
+    seen, unreal = [], 0
     for r in ranks:
         out = list(r.batches())
         assert len(out) == ranks[0].steps
         for batch, real in out:
+            assert batch.batch_size <= 300
             if real:
                 seen += batch.row_ids.tolist()
             else:
+                unreal += 1
                 assert batch.masks is not None and not batch.masks.any()
-    assert sorted(seen) == list(range(1000))
+    assert sorted(seen) == list(range(1000)) and unreal > 0
 
 
 def _resume_case(tiny_data, workers, world_size, rank, stop_epoch, stop_batch, **over):
     kind = "process" if str(workers).endswith("p") else "thread"
     workers = int(str(workers).rstrip("p"))
-    cfg = data_config(tiny_data, batch_size=64, num_workers=workers, worker_type=kind, **over)
+    cfg = data_config(
+        tiny_data, batch_size=64 * world_size, num_workers=workers, worker_type=kind, **over
+    )
     full = SplitInput(cfg, "train", rank, world_size)
     expected = [_epoch_ids(full) for _ in range(3)]
     stop_batch = full.steps if stop_batch < 0 else stop_batch
@@ -176,7 +190,7 @@ def test_resume_yields_exactly_the_uninterrupted_order(
 
 
 def test_resume_inside_padding_and_with_a_different_worker_count(tiny_data):
-    cfg = data_config(tiny_data, batch_size=128, equal_steps="pad", shuffle={"buffer_rows": 500})
+    cfg = data_config(tiny_data, batch_size=256, equal_steps="pad", shuffle={"buffer_rows": 500})
     full = SplitInput(cfg, "train", 0, 2)
     expected = _epoch_ids(full)
     assert expected[-1][-1] == -1  # the last batch holds padding
@@ -186,7 +200,7 @@ def test_resume_inside_padding_and_with_a_different_worker_count(tiny_data):
         next(it)
     state = first.state_dict()
     cfg2 = data_config(
-        tiny_data, batch_size=128, equal_steps="pad", num_workers=2, shuffle={"buffer_rows": 500}
+        tiny_data, batch_size=256, equal_steps="pad", num_workers=2, shuffle={"buffer_rows": 500}
     )
     resumed = SplitInput(cfg2, "train", 0, 2)
     resumed.load_state_dict(state)
@@ -196,15 +210,23 @@ def test_resume_inside_padding_and_with_a_different_worker_count(tiny_data):
 def test_state_names_what_changed(tiny_data):
     cfg = data_config(tiny_data, batch_size=64)
     state = SplitInput(cfg, "train").state_dict()
-    assert state["epoch"] == 0 and state["unit_cursor"] == 0 and state["row_offset"] == 0
+    assert (state["version"], state["epoch"], state["batches"]) == (2, 0, 0)
+    assert state["shards"][0]["unit_cursor"] == 0 and state["shards"][0]["row_offset"] == 0
     with pytest.raises(ValueError, match="data.batch_size = 64, but it is now 32"):
         SplitInput(data_config(tiny_data, batch_size=32), "train").load_state_dict(state)
-    with pytest.raises(ValueError, match="world size = 1, but it is now 2"):
-        SplitInput(cfg, "train", 0, 2).load_state_dict({**state, "rank": 0})
+    # num_shards 0 is the world size: a state of one rank's run does not fit two ranks' shards
+    with pytest.raises(ValueError, match="data.num_shards = 1, but it is now 2"):
+        SplitInput(cfg, "train", 0, 2).load_state_dict(state)
     with pytest.raises(ValueError, match="data.shuffle.seed = 0, but it is now 5"):
         SplitInput(
             data_config(tiny_data, batch_size=64, shuffle={"seed": 5}), "train"
         ).load_state_dict(state)
+
+
+def test_version_1_state_is_refused_clearly(tiny_data):
+    old = {"version": 1, "split": "train", "rank": 0, "world_size": 1, "batch_size": 64}
+    with pytest.raises(ValueError, match="data state version 1 .* per rank"):
+        SplitInput(data_config(tiny_data, batch_size=64), "train").load_state_dict(old)
 
 
 def test_batch_holds_the_rows_of_the_file(tiny_data):
@@ -230,8 +252,34 @@ def test_config_values_are_checked_naming_the_key(tiny_data):
         SplitInput(data_config(tiny_data, num_workers=-1), "train")
     with pytest.raises(ValueError, match=r"data.shuffle.buffer_rows \(-5\) must be >= 0"):
         SplitInput(data_config(tiny_data, shuffle={"buffer_rows": -5}), "train")
-    with pytest.raises(ValueError, match="data.equal_steps=pad"):
-        SplitInput(data_config(tiny_data, batch_size=2000), "train", 0, 2)
+    with pytest.raises(ValueError, match=r"data.num_shards \(-1\) must be >= 0"):
+        SplitInput(data_config(tiny_data, num_shards=-1), "train")
+
+
+def test_shard_and_batch_sizes_are_checked_naming_keys_and_values(tiny_data):
+    with pytest.raises(
+        ValueError, match=r"data.num_shards \(3\) must be a multiple of the world size \(2\)"
+    ):
+        SplitInput(data_config(tiny_data, batch_size=600, num_shards=3), "train", 0, 2)
+    with pytest.raises(
+        ValueError, match=r"data.batch_size \(502\) must be divisible by data.num_shards \(4\)"
+    ):
+        SplitInput(data_config(tiny_data, batch_size=502, num_shards=4), "train", 1, 2)
+    with pytest.raises(
+        ValueError,
+        match=r"data.batch_size \(501\) must be divisible by the world size \(2\).*"
+        r"data.num_shards = 0",
+    ):
+        SplitInput(data_config(tiny_data, batch_size=501), "train", 0, 2)
+    # 3000 rows in 9 row groups over 2 shards: about 1500 each, fewer than 2000 per step
+    with pytest.raises(
+        ValueError,
+        match=r"data.batch_size \(4000\) over 2 data shards is 2000 rows per shard.*"
+        r"rows per shard: \[1465, 1535\].*data.equal_steps=pad",
+    ):
+        SplitInput(data_config(tiny_data, batch_size=4000, num_shards=2), "train")
+    # the eval batch needs no divisibility: each rank takes ceil(eval_batch_size / W)
+    assert SplitInput(data_config(tiny_data, eval_batch_size=7), "eval", 0, 2).local_batch_size == 4
 
 
 def test_jagged_permutation_with_and_without_fbgemm():
