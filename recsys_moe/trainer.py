@@ -171,7 +171,7 @@ class Trainer:
         self.step_optimizer = _StepOptimizer(self)
 
         # 6. how a step gets its batch
-        kind = tc.pipeline
+        kind = Pipeline(tc.pipeline)
         if kind == Pipeline.auto:
             kind = Pipeline.sparse_dist if self.device.type == "cuda" else Pipeline.plain
         self.pipeline = None

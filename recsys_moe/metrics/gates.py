@@ -14,7 +14,9 @@ across ranks and from naming. compute() returns flat keys:
   its size, summed over ranks by reduce(); DSelect-k:
   saturated_fraction, selector_entropy, entropy_reg);
 - expert/<e>/load: fraction of examples expert e is computed on (union over tasks);
-- moe/active_fraction (where measured) and moe/sparse_fraction (batches on the sparse path).
+- moe/active_fraction (where measured) and moe/sparse_fraction (batches on the sparse path), and
+  the expert-parallel dispatch's ep/... stats: means over batches (of all ranks after reduce()),
+  so they depend on how the examples were batched, unlike the per-example keys above.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from recsys_moe.distributed.comm import all_reduce_, all_reduce_int, spans_ranks
+from recsys_moe.distributed.comm import (
+    all_gather_objects,
+    all_reduce_,
+    all_reduce_int,
+    spans_ranks,
+)
 from recsys_moe.moe.gates.base import GateOutput
 
 
@@ -98,6 +105,15 @@ class GateTelemetry:
                 v = torch.as_tensor(stats[k], dtype=torch.float64, device=self.device)
                 stats[k] = all_reduce_(v, group)
         self.examples = all_reduce_int(self.examples, group)
+        # batch-level MoE stats: sums and batch counts of every rank (a rank may have none)
+        mine = {k: (float(v), self.moe_batches[k]) for k, v in self.moe.items()}
+        merged: dict[str, tuple[float, int]] = {}
+        for theirs in all_gather_objects(mine, group):
+            for k, (v, n) in theirs.items():
+                total, count = merged.get(k, (0.0, 0))
+                merged[k] = (total + v, count + n)
+        self.moe = {k: torch.tensor(v, dtype=torch.float64) for k, (v, _) in merged.items()}
+        self.moe_batches = {k: n for k, (_, n) in merged.items()}
 
     def mean_weights(self) -> torch.Tensor:
         """[T, N] mean weight of every expert for every task (the heatmap)."""

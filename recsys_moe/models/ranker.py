@@ -81,6 +81,11 @@ class MultiTaskRanker(nn.Module):
             if data.sparse
             else None
         )
+        self.sparse_features = (
+            [f for t in self.sparse_arch.embedding_bag_configs() for f in t.feature_names]
+            if self.sparse_arch is not None
+            else []
+        )
         self.bottom = MLP(len(data.dense), model.bottom_mlp) if data.dense else None
         in_dim = len(data.sparse) * model.embedding_dim + (
             self.bottom.out_dim if self.bottom else 0
@@ -107,7 +112,10 @@ class MultiTaskRanker(nn.Module):
         # (sparse): keep it straight-line; the MoE, towers and heads are opaque (leaf) calls.
         parts = []
         if self.sparse_arch is not None:
-            parts.append(self.sparse_arch(sparse).values())  # [B, S*E]
+            # By name, in the order of the unsharded tables: a sharded collection returns its
+            # features grouped by shard, an order that changes with the number of ranks.
+            pooled = self.sparse_arch(sparse).to_dict()
+            parts += [pooled[f] for f in self.sparse_features]  # S x [B, E]
         if self.bottom is not None:
             parts.append(self.bottom(dense))  # [B, bottom[-1]]
         x_BD = torch.cat(parts, dim=1)
