@@ -179,7 +179,9 @@ class Trainer:
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             self.pipeline = TrainPipelineSparseDist(
-                self.model, self.step_optimizer, self.device  # type: ignore[arg-type]
+                self.model,
+                self.step_optimizer,
+                self.device,  # type: ignore[arg-type]
             )
 
         # 7. metrics and sinks (rank 0 writes)
@@ -197,9 +199,9 @@ class Trainer:
             "model: %d dense parameters (%d of them experts) on this rank, %d tables; %d tasks; "
             "%d train steps per epoch of %d examples (%d per rank); pipeline %s",
             sum(p.numel() for p in dense),
-            sum(p.numel() for p in experts) if experts else sum(
-                p.numel() for p in ranker.moe.experts.parameters()
-            ),
+            sum(p.numel() for p in experts)
+            if experts
+            else sum(p.numel() for p in ranker.moe.experts.parameters()),
             len(tables),
             T,
             self.train_data.steps,
@@ -314,7 +316,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 now = time.perf_counter()
                 # the mean over ranks of their shares is the global batch's loss
-                means = (all_reduce_(acc.clone(), dims.world_group) / (acc_n * dims.world_size))
+                means = all_reduce_(acc.clone(), dims.world_group) / (acc_n * dims.world_size)
                 means = means.tolist()
                 metrics = {
                     "train/loss": means[0],

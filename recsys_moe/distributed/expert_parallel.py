@@ -37,8 +37,10 @@ def parallelize_experts(model: nn.Module, dims: ParallelDims) -> list[str]:
         if isinstance(module, MultiTaskMoE):
             d = AllToAllDispatcher(dims.ep_group, module.experts.num_experts)
             module.use_experts(module.experts.shard(d.first_expert, d.num_local), d)
-            names += [f"{prefix}.experts.{n}" if prefix else f"experts.{n}"
-                      for n, _ in module.experts.named_parameters()]
+            names += [
+                f"{prefix}.experts.{n}" if prefix else f"experts.{n}"
+                for n, _ in module.experts.named_parameters()
+            ]
     return names
 
 

@@ -28,7 +28,6 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -116,6 +115,14 @@ class ParallelDims:
     def dp_rank(self) -> int:
         return self.rank // self.ep
 
+    def layout(self) -> dict[str, list[list[int]]]:
+        """The ranks of every group along each axis: "ep" groups are consecutive ranks, "dp"
+        groups (replicas of one expert shard) take every ep-th rank."""
+        return {
+            "ep": [list(range(d * self.ep, (d + 1) * self.ep)) for d in range(self.dp)],
+            "dp": [list(range(e, self.world_size, self.ep)) for e in range(self.ep)],
+        }
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -149,9 +156,7 @@ class ParallelDims:
                 f"the job this layout was checked for (rank {self.rank} of {self.world_size})"
             )
         # every rank creates every group, in the same order (torch.distributed requires it)
-        ep_groups = [list(range(d * self.ep, (d + 1) * self.ep)) for d in range(self.dp)]
-        dp_groups = [list(range(e, self.world_size, self.ep)) for e in range(self.ep)]
-        for axis, ranks in (("ep", ep_groups), ("dp", dp_groups)):
+        for axis, ranks in self.layout().items():
             mine, _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout)
             self.groups[axis] = mine
         log.info(

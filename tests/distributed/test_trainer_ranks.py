@@ -82,13 +82,19 @@ def _rank(rank: int, world: int, data: str, root: str, runs: list[tuple]) -> dic
 def _assert_same(got: dict, want: dict, what: str) -> None:
     assert len(got["losses"]) == len(want["losses"]) == STEPS, what
     torch.testing.assert_close(
-        torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=1e-5, atol=1e-7,
+        torch.tensor(got["losses"]),
+        torch.tensor(want["losses"]),
+        rtol=1e-5,
+        atol=1e-7,
         msg=lambda m: f"{what}: per-step losses differ\n{m}",
     )
     assert got["state"].keys() == want["state"].keys(), what
     for key, value in want["state"].items():
         torch.testing.assert_close(
-            got["state"][key], value, rtol=1e-5, atol=1e-6,
+            got["state"][key],
+            value,
+            rtol=1e-5,
+            atol=1e-6,
             msg=lambda m, key=key: f"{what}: final {key} differs\n{m}",
         )
     # every eval metric but the batch-level dispatch stats (moe/, ep/: means over batches, and

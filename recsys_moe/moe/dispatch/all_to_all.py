@@ -97,7 +97,9 @@ class AllToAllDispatcher:
         T, B, N = weights_TBN.shape
         E, L, dev = self.size, self.num_local, weights_TBN.device
         if N != self.num_experts:
-            raise ValueError(f"weights route over {N} experts, the dispatcher over {self.num_experts}")
+            raise ValueError(
+                f"weights route over {N} experts, the dispatcher over {self.num_experts}"
+            )
         if nonzero_TBN is None:
             nonzero_TBN = weights_TBN != 0
         if sparse:

@@ -72,9 +72,7 @@ class LocalDispatcher:
             return x_BD
         return x_BD.index_select(0, plan.example_ids)
 
-    def combine(
-        self, f: torch.Tensor, weights_TBN: torch.Tensor, plan: LocalPlan
-    ) -> torch.Tensor:
+    def combine(self, f: torch.Tensor, weights_TBN: torch.Tensor, plan: LocalPlan) -> torch.Tensor:
         """y[t, b] = sum_e weights[t, b, e] f_e(x_b): [T, B, O]. f is [N, B, O] (dense) or
         [P, O] (grouped)."""
         if not plan.grouped:
