@@ -48,6 +48,7 @@ torchtitan's global batch), split evenly over the ranks. Work units are row grou
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -165,7 +166,8 @@ def _build_in_worker(units: list[RowGroup], seed: Optional[list[int]]) -> Chunk:
 
 class _Prefetch:
     """One shard's windows, built on a pool shared by the rank's shards and handed back in
-    order; at most `ahead` in flight besides the one being cut."""
+    order. The caller submits the first few (`submit_one`); each window taken submits the next,
+    so as many stay in flight besides the one being cut."""
 
     def __init__(self, pool: Executor, windows: Iterator[tuple[int, list[RowGroup]]], seed) -> None:
         self.pool, self.todo, self.seed = pool, windows, seed
@@ -426,7 +428,7 @@ class SplitInput:
     ) -> Iterator[tuple[int, Chunk]] | _Prefetch:
         """(window index, its rows in epoch order) of a shard from its position's window on."""
         todo = itertools.islice(enumerate(shard.plan(epoch)), max(shard.window, 0), None)
-        seed = lambda w: shard.window_seed(epoch, w)  # noqa: E731
+        seed = functools.partial(shard.window_seed, epoch)
         if pool is None:
             return ((w, _build_window(self.decoder, self.fs, u, seed(w))) for w, u in todo)
         return _Prefetch(pool, todo, seed)
