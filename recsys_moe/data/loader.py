@@ -74,20 +74,13 @@ from recsys_moe.data.files import (
     scan_split,
 )
 from recsys_moe.data.parquet import Chunk, UnitDecoder
+from recsys_moe.distributed.comm import all_reduce_, all_reduce_int
 
 log = logging.getLogger(__name__)
 
 # Version 2: global batch over data shards, positions per shard. Version 1 (per-rank batch size,
 # one position per rank) cannot be mapped onto shards.
 STATE_VERSION = 2
-
-
-def _all_reduce(value: int, op: dist.ReduceOp, group: Optional[dist.ProcessGroup]) -> int:
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=op, group=group)
-    return int(t.item())
 
 
 def assign_units(units: list[RowGroup], num_shards: int) -> list[list[int]]:
@@ -386,8 +379,8 @@ class SplitInput:
         else:
             self.steps = max(-(-r // B) for r in rows)
             self.dropped_rows = 0
-        low = _all_reduce(self.steps, dist.ReduceOp.MIN, group)
-        high = _all_reduce(self.steps, dist.ReduceOp.MAX, group)
+        low = all_reduce_int(self.steps, group, dist.ReduceOp.MIN)
+        high = all_reduce_int(self.steps, group, dist.ReduceOp.MAX)
         if low != high:
             raise ValueError(
                 f"data.{split}: ranks disagree on the steps per epoch ({low} to {high}): they "
@@ -499,7 +492,7 @@ class SplitInput:
             error = e
         # Every rank stops, not only the one that read the bad row: the others would otherwise
         # wait for it in their next collective.
-        if _all_reduce(int(error is not None), dist.ReduceOp.MAX, self.group):
+        if all_reduce_int(int(error is not None), self.group, dist.ReduceOp.MAX):
             raise error or DataError(
                 f"{where}: another rank found a bad row (its error names file, row group and row)"
             )
@@ -522,10 +515,7 @@ class SplitInput:
         data/skipped_rows (+ /<reason>), data/skipped_files/<reason>, data/hashed_ids/<feature>,
         data/padded_rows, data/dropped_rows_per_epoch; per-reason keys only where nonzero.
         """
-        c = self.counters()
-        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-            dist.all_reduce(c, group=group)
-        values = c.tolist()
+        values = all_reduce_(self.counters(), group).tolist()
         R = len(REASONS)
         out: dict[str, float] = {"data/skipped_rows": float(sum(values[:R]))}
         for i, r in enumerate(REASONS):

@@ -8,6 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -27,9 +28,9 @@ def run_ranks(fn: Callable[..., Any], world: int, backend: str, *args: Any) -> l
 
 def _rank(rank: int, world: int, backend: str, port: int, fn, args: tuple, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # the ranks share this machine's cores: more threads than cores makes every rank crawl
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if "nccl" in backend:
-        import torch
-
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
