@@ -173,6 +173,8 @@ class Trainer:
             for batch, _ in self.train_data.batches():
                 t0 = time.perf_counter()
                 batch = batch.to(self.device, non_blocking=True)
+                # schedules that follow the run (DSelect-k's lambda) read this step, not calls
+                self.model.module.set_train_progress(self.step, self.total_steps)
                 loss, out = self.model(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # the embedding rows are updated here, by the fused optimizer

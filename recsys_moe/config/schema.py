@@ -148,8 +148,13 @@ class GateConfig:
     k: int = 2  # topk / dselect_k: the most experts one gate may select
     gamma: float = 1.0  # dselect_k: width of the smooth-step window
     entropy_reg: float = 0.0  # dselect_k: lambda of the selectors' entropy regulariser (batch mean)
-    entropy_start_step: int = 0  # dselect_k: lambda is 0 for this many training steps
-    entropy_warmup_steps: int = 0  # dselect_k: then ramps linearly from 0 over these steps
+    # dselect_k: lambda is 0 for this fraction of the run's training steps, then ramps linearly
+    # from 0 over entropy_warmup_fraction more (fractions of trainer's total steps)
+    entropy_start_fraction: float = 0.0
+    entropy_warmup_fraction: float = 0.0
+    # dselect_k: the same in absolute training steps; when set, each overrides its fraction
+    entropy_start_step: Optional[int] = None
+    entropy_warmup_steps: Optional[int] = None
     noise: bool = (
         False  # topk: Shazeer et al.'s trainable Gaussian noise on the logits (training only)
     )

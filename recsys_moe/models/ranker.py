@@ -119,6 +119,12 @@ class MultiTaskRanker(nn.Module):
     def num_tasks(self) -> int:
         return len(self.task_types)
 
+    def set_train_progress(self, step: int, total_steps: int) -> None:
+        """The trainer calls this once per training step, before the forward: the run is at
+        optimizer step `step` (0-based) of `total_steps`. Schedules that follow the run (the
+        DSelect-k entropy regulariser) read it; it lives in buffers saved with the model."""
+        self.moe.set_train_progress(step, total_steps)
+
     def features(self, batch: Batch) -> torch.Tensor:
         """The MoE input x [B, D]: pooled embeddings, then the bottom MLP's output."""
         parts = []

@@ -78,6 +78,11 @@ class MultiTaskMoE(nn.Module):
         self.dispatcher = dispatcher or LocalDispatcher()
         self.any_sparse_gate = any(g.sparse for g in gates)
 
+    def set_train_progress(self, step: int, total_steps: int) -> None:
+        """Forwards the run's position to every gate (see Gate.set_train_progress)."""
+        for g in self.gates:
+            g.set_train_progress(step, total_steps)
+
     def forward(self, x_BD: torch.Tensor) -> MoEOutput:
         outs = [g(x_BD) for g in self.gates]
         w_TBN = torch.stack([o.weights for o in outs])

@@ -29,5 +29,7 @@ def build_gate(cfg: GateConfig, num_experts: int, in_dim: int) -> Gate:
             entropy_reg=cfg.entropy_reg,
             entropy_start_step=cfg.entropy_start_step,
             entropy_warmup_steps=cfg.entropy_warmup_steps,
+            entropy_start_fraction=cfg.entropy_start_fraction,
+            entropy_warmup_fraction=cfg.entropy_warmup_fraction,
         )
     raise ValueError(f"model.gate.type ({cfg.type}) is not a known gate")
