@@ -113,7 +113,12 @@ class Trainer:
         T = len(self.task_names)
         self.label_means = LabelMeans(T, self.device)
         self.eval_metrics = TaskMetrics(self.task_names, self.task_types, self.loss_weights)
-        self.train_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
+        self.train_gates = GateTelemetry(
+            self.task_names,
+            cfg.model.num_experts,
+            self.device,
+            track_selection=not cfg.model.gate.per_example,  # static gates: count changes
+        )
         self.eval_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
         self.sinks: list[MetricSink] = []
         if env.is_main:

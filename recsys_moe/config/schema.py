@@ -95,6 +95,9 @@ class TaskSpec:
     label: Optional[str] = None  # Parquet column; defaults to name
     mask: Optional[str] = None  # bool column: the label exists on this row
     weight: Optional[str] = None  # float column: per-row weight of this task's loss and metrics
+    # tasks known to be related share a cluster name (a synthetic ground truth); only read by
+    # the expert-selection metrics of recsys_moe.report (do a cluster's tasks share experts?)
+    cluster: Optional[str] = None
 
     @property
     def label_column(self) -> str:

@@ -14,7 +14,11 @@ across ranks and from naming. compute() returns flat keys:
   its size, summed over ranks by reduce(); DSelect-k:
   saturated_fraction, selector_entropy, entropy_reg);
 - expert/<e>/load: fraction of examples expert e is computed on (union over tasks);
-- moe/active_fraction (where measured) and moe/sparse_fraction (batches on the sparse path).
+- moe/active_fraction (where measured) and moe/sparse_fraction (batches on the sparse path);
+- with track_selection (static gates: every example gets the same weights),
+  gate/<task>/selection_changes: updates at which the task's set of selected experts (nonzero
+  weights) differed from the previous update's, counted since the last reset (the paper's
+  "how often does the selection change during training").
 """
 
 from __future__ import annotations
@@ -36,10 +40,19 @@ class GateTelemetry:
     >>> metrics = tel.compute(); tel.reset()          # on logging steps
     """
 
-    def __init__(self, task_names: Sequence[str], num_experts: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        num_experts: int,
+        device: torch.device,
+        track_selection: bool = False,
+    ) -> None:
         self.task_names = list(task_names)
         self.num_experts = num_experts
         self.device = device
+        self.track_selection = track_selection
+        # the previous update's selection [T, N] (first example), kept across resets
+        self._last_selection: Optional[torch.Tensor] = None
         self.reset()
 
     def reset(self) -> None:
@@ -51,6 +64,7 @@ class GateTelemetry:
         self.entropy = torch.zeros(T, dtype=torch.float64, device=dev)
         self.used = torch.zeros(T, N, dtype=torch.bool, device=dev)
         self.load = torch.zeros(N, dtype=torch.float64, device=dev)
+        self.selection_changes = torch.zeros(T, dtype=torch.float64, device=dev)
         self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
         self.moe: dict[str, torch.Tensor] = {}
         self.moe_batches: dict[str, int] = {}
@@ -76,6 +90,11 @@ class GateTelemetry:
             any_nonzero = nz if any_nonzero is None else any_nonzero | nz
             for k, v in g.stats.items():  # batch means, weighted by the batch's examples
                 self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
+        if self.track_selection and gates:
+            selection = torch.stack([g.weights[0] != 0 for g in gates])  # [T, N]
+            if self._last_selection is not None:
+                self.selection_changes += (selection != self._last_selection).any(-1)
+            self._last_selection = selection
         if any_nonzero is not None:
             self.load += any_nonzero.sum(0)
             self.examples += any_nonzero.shape[0]
@@ -117,6 +136,7 @@ class GateTelemetry:
         ent = (self.entropy / n).tolist()
         used = self.used.sum(1).tolist()
         max_active = self.max_active.tolist()
+        changes = self.selection_changes.tolist()
         out: dict[str, float] = {}
         for t, name in enumerate(self.task_names):
             p = f"gate/{name}"
@@ -124,6 +144,8 @@ class GateTelemetry:
             out[f"{p}/max_active_experts"] = float(max_active[t])
             out[f"{p}/experts_used"] = float(used[t])
             out[f"{p}/entropy"] = ent[t]
+            if self.track_selection:
+                out[f"{p}/selection_changes"] = changes[t]
             for k, v in self.stats[t].items():
                 out[f"{p}/{k}"] = float(v) / n
             for e in range(self.num_experts):

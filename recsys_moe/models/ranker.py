@@ -95,7 +95,7 @@ class MultiTaskRanker(nn.Module):
         )
         self.bottom = MLP(len(data.dense), model.bottom_mlp) if data.dense else None
         in_dim = len(data.sparse) * model.embedding_dim + (
-            self.bottom.out_dim if self.bottom else 0
+            self.bottom.out_dim if self.bottom is not None else 0  # an empty MLP has len 0
         )
         self.moe = MultiTaskMoE(
             ExpertBank(
