@@ -75,19 +75,20 @@ class GateTelemetry:
     def update(
         self, gates: Sequence[GateOutput], moe_stats: Optional[dict[str, torch.Tensor]] = None
     ) -> None:
-        """Adds one batch."""
+        """Adds one batch (all tasks at once: one pass per statistic, not one per task)."""
         any_nonzero = None
-        for t, g in enumerate(gates):
-            w = g.weights
-            rows = w.shape[0]
+        if gates:
+            w = torch.stack([g.weights for g in gates])  # [T, B, N]
+            rows = w.shape[1]
             nz = w != 0
-            self.selected[t] += nz.sum(0)
-            self.weight[t] += w.sum(0)
-            self.active[t] += nz.sum()
-            self.max_active[t] = torch.maximum(self.max_active[t], nz.sum(-1).max())
-            self.entropy[t] += torch.special.entr(w).sum()
-            self.used[t] |= nz.any(0)
-            any_nonzero = nz if any_nonzero is None else any_nonzero | nz
+            self.selected += nz.sum(1)
+            self.weight += w.sum(1)
+            self.active += nz.sum((1, 2))
+            self.max_active = torch.maximum(self.max_active, nz.sum(-1).amax(1))
+            self.entropy += torch.special.entr(w).sum((1, 2))
+            self.used |= nz.any(1)
+            any_nonzero = nz.any(0)
+        for t, g in enumerate(gates):
             for k, v in g.stats.items():  # batch means, weighted by the batch's examples
                 self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
         if self.track_selection and gates:
@@ -181,7 +182,7 @@ def save_heatmap(
     ax.set_yticks(range(T), list(task_names))
     ax.set_xlabel("expert")
     ax.set_title(title)
-    if N <= 24:
+    if N <= 24 and T * N <= 512:  # numbers in the cells while they stay legible (and cheap)
         for t in range(T):
             for e in range(N):
                 v = float(weights_TN[t, e])
