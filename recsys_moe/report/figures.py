@@ -25,7 +25,7 @@ MAX_LINES = 8  # above this many tasks, curves show the mean over tasks (and the
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -161,7 +161,8 @@ def throughput(run: Run) -> Optional[bytes]:
 
 
 def sweep_bars(summary: SweepSummary, metrics: Sequence[str]) -> Optional[bytes]:
-    """One panel per metric: mean per configuration with standard-error bars."""
+    """One panel per metric: mean per configuration (dot) with standard-error bars (dots, not
+    bars: the axis is zoomed onto the differences, which bars from 0 would hide)."""
     metrics = [m for m in metrics if any(c.values.get(m) for c in summary.configs)]
     if not metrics:
         return None
@@ -174,7 +175,7 @@ def sweep_bars(summary: SweepSummary, metrics: Sequence[str]) -> Optional[bytes]
     for ax, m in zip(axes.flat, metrics):
         means = [c.mean(m) for c in summary.configs]
         ses = [0.0 if math.isnan(c.se(m)) else c.se(m) for c in summary.configs]
-        ax.barh(range(len(labels)), means, xerr=ses, capsize=3, color="tab:blue", alpha=0.7)
+        ax.errorbar(means, range(len(labels)), xerr=ses, fmt="o", capsize=4, color="tab:blue")
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(m, fontsize=9)

@@ -27,9 +27,11 @@ code { background: #f4f4f4; padding: 0 0.2em; }
 """
 
 
-def _img(png: Optional[bytes], alt: str) -> str:
+def _img(png: Optional[bytes], alt: str, shown: dict[str, bytes]) -> str:
+    """An inlined PNG; `shown` collects every figure of the page by title."""
     if png is None:
         return ""
+    shown[alt] = png
     data = base64.b64encode(png).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -69,7 +71,7 @@ def task_table(run: Run) -> str:
     return "\n".join(rows)
 
 
-def run_page(run: Run) -> str:
+def run_page(run: Run, shown: dict[str, bytes]) -> str:
     cfg = run.config
     gate = cfg.get("model", {}).get("gate", {})
     s = run.summary or {}
@@ -105,7 +107,7 @@ def run_page(run: Run) -> str:
         ("Throughput", figures.throughput(run)),
     ):
         if png is not None:
-            body += [f"<h2>{title}</h2>", _img(png, title)]
+            body += [f"<h2>{title}</h2>", _img(png, title, shown)]
     return _page(f"recsys_moe run: {run.path.name}", body)
 
 
@@ -133,7 +135,7 @@ def summary_table(summary: SweepSummary, metrics: Sequence[str]) -> str:
     return "\n".join(rows)
 
 
-def sweep_page(path: Path, runs: Sequence[Run]) -> str:
+def sweep_page(path: Path, runs: Sequence[Run], shown: dict[str, bytes]) -> str:
     summary = summarize(runs)
     body = [
         f"<p>Sweep directory <code>{html.escape(str(path))}</code>: {len(runs)} runs in "
@@ -143,7 +145,7 @@ def sweep_page(path: Path, runs: Sequence[Run]) -> str:
         + "</code>.</p>",
         "<h2>Comparison</h2>",
         summary_table(summary, summary.headline),
-        _img(figures.sweep_bars(summary, summary.headline), "comparison with error bars"),
+        _img(figures.sweep_bars(summary, summary.headline), "comparison with error bars", shown),
         "<h2>Runs</h2><table><tr><th>run</th><th>configuration</th><th>seed</th><th>step</th></tr>",
     ]
     for r in runs:
@@ -158,10 +160,20 @@ def sweep_page(path: Path, runs: Sequence[Run]) -> str:
     return _page(f"recsys_moe sweep: {path.name}", body)
 
 
-def render(path: Path, out: Optional[Path] = None) -> Path:
-    """Writes the report of a run or sweep directory to `out` (default DIR/report.html)."""
+def render(path: Path, out: Optional[Path] = None, figures_dir: Optional[Path] = None) -> Path:
+    """Writes the report of a run or sweep directory to `out` (default DIR/report.html), and
+    each of its figures as a PNG file into `figures_dir` when given."""
     path = Path(path)
-    page = sweep_page(path, load_sweep(path)) if is_sweep(path) else run_page(load_run(path))
+    shown: dict[str, bytes] = {}
+    if is_sweep(path):
+        page = sweep_page(path, load_sweep(path), shown)
+    else:
+        page = run_page(load_run(path), shown)
     out = Path(out) if out is not None else path / "report.html"
     out.write_text(page)
+    if figures_dir is not None:
+        Path(figures_dir).mkdir(parents=True, exist_ok=True)
+        for title, png in shown.items():
+            slug = "".join(c if c.isalnum() else "_" for c in title.lower()).strip("_")
+            (Path(figures_dir) / f"{slug}.png").write_bytes(png)
     return out
