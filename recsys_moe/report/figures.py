@@ -133,15 +133,17 @@ def heatmaps(run: Run, max_panels: int = 4) -> Optional[bytes]:
     picked = [evals[i] for i in idx]
     height = max(2.2, 0.22 * len(names) + 1.2)
     fig, axes = plt.subplots(1, len(picked), figsize=(3.6 * len(picked) + 1, height), squeeze=False)
-    for ax, r in zip(axes[0], picked):
+    for i, (ax, r) in enumerate(zip(axes[0], picked)):
         w = [[float(r.get(f"eval/gate/{t}/weight/{e}", math.nan)) for e in range(n)] for t in names]
         im = ax.imshow(w, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_title(f"step {r['step']}", fontsize=9)
         ax.set_xlabel("expert")
-        if len(names) <= 32:
+        if i > 0:
+            ax.set_yticks([])  # the first panel names the tasks
+        elif len(names) <= 32:
             ax.set_yticks(range(len(names)), labels, fontsize=6)
         else:
-            ax.set_ylabel(f"{len(names)} tasks")
+            ax.set_ylabel(f"{len(names)} tasks" + (", by cluster" if clusters else ""))
     fig.colorbar(im, ax=list(axes[0]), label="mean weight")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
