@@ -94,6 +94,7 @@ class Trainer:
 
         # 3. model, unsharded; its tables live on meta until sharding allocates them
         model = MultiTaskRanker(cfg.data, cfg.model, embedding_device=torch.device("meta"))
+        self.ranker = model  # sharding wraps it in place: set_train_progress reaches its gates
         self.task_names, self.task_types = model.task_names, model.task_types
         self.loss_weights = model.loss_weights.tolist()
         num_tables = len(model.sparse_arch.embedding_bag_configs()) if model.sparse_arch else 0
@@ -179,7 +180,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = batch.to(self.device, non_blocking=True)
                 # schedules that follow the run (DSelect-k's lambda) read this step, not calls
-                self.model.module.set_train_progress(self.step, self.total_steps)
+                self.ranker.set_train_progress(self.step, self.total_steps)
                 loss, out = self.model(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # the embedding rows are updated here, by the fused optimizer

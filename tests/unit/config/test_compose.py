@@ -45,7 +45,15 @@ def test_default_composes_to_typed_config():
         for o in _options(g)
     ],
 )
-def test_every_group_option_composes(group, option):
+def test_every_group_option_composes(group, option, tmp_path):
+    if (group, option) == ("data", "paper_synthetic"):
+        # its columns come from the generated data set's dataset.json (from_dataset resolver)
+        from recsys_moe.data.paper_synthetic import PaperSyntheticSpec, write
+
+        write(PaperSyntheticSpec(num_tasks=4, num_clusters=2, train_rows=10), tmp_path / "d")
+        cfg = _compose(f"{group}={option}", f"data.path={tmp_path / 'd'}")
+        assert [t.cluster for t in cfg.data.tasks] == ["c00", "c01", "c00", "c01"]
+        return
     _compose(f"{group}={option}")
 
 

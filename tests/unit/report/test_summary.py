@@ -118,7 +118,7 @@ def test_expert_selection_numbers(tmp_path):
     assert m["gate/active_experts"] == pytest.approx(4 / 3)
     assert m["gate/max_active_experts"] == 2.0
     assert m["gate/selection_changes"] == pytest.approx((6 + 3) / 3)
-    assert m["gate/selection_changes_2nd_half"] == pytest.approx(3 / 3)  # the step-80 window
+    assert m["gate/selection_changes_last_quarter"] == pytest.approx(3 / 3)  # step-80 window
     assert m["tasks/mean_auc"] == pytest.approx(0.6)
 
 
