@@ -131,7 +131,7 @@ def heatmaps(run: Run, max_panels: int = 4) -> Optional[bytes]:
     labels = [f"{t} ({clusters[t]})" if t in clusters else t for t in names]
     idx = sorted({round(i * (len(evals) - 1) / max(1, max_panels - 1)) for i in range(max_panels)})
     picked = [evals[i] for i in idx]
-    height = max(2.2, 0.22 * len(names) + 1.2)
+    height = min(9.0, max(2.2, 0.22 * len(names) + 1.2))  # 128 tasks: a row is a pixel band
     fig, axes = plt.subplots(1, len(picked), figsize=(3.6 * len(picked) + 1, height), squeeze=False)
     for i, (ax, r) in enumerate(zip(axes[0], picked)):
         w = [[float(r.get(f"eval/gate/{t}/weight/{e}", math.nan)) for e in range(n)] for t in names]
