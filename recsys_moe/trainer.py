@@ -143,6 +143,7 @@ class Trainer:
         # 3. model, unsharded; its tables live on meta until sharding allocates them
         ranker = MultiTaskRanker(cfg.data, cfg.model, embedding_device=torch.device("meta"))
         model = RankerTrain(ranker, cfg.model.loss_weights)
+        self.ranker = ranker  # set_train_progress reaches its gates through any wrapper
         self.task_names, self.task_types = model.task_names, model.task_types
         tables = ranker.sparse_arch.embedding_bag_configs() if ranker.sparse_arch else []
 
@@ -189,7 +190,12 @@ class Trainer:
         self.label_means = LabelMeans(T, self.device)
         loss_weights = model.loss.loss_weights.tolist()
         self.eval_metrics = TaskMetrics(self.task_names, self.task_types, loss_weights)
-        self.train_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
+        self.train_gates = GateTelemetry(
+            self.task_names,
+            cfg.model.num_experts,
+            self.device,
+            track_selection=not cfg.model.gate.per_example,  # static gates: count changes
+        )
         self.eval_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
         if dims.is_main:
             self.sinks.append(JsonlSink(self.run_dir))
@@ -291,6 +297,8 @@ class Trainer:
         eval_time = window_eval = 0.0
         samples = window_samples = 0
         while self.step < self.total_steps:
+            # schedules that follow the run (DSelect-k's lambda) read the step, not forward calls
+            self.ranker.set_train_progress(self.step, self.total_steps)
             if self.pipeline is None:
                 self._phase = "data"
                 out = self.train_step(next(batches))

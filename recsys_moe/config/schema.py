@@ -95,6 +95,9 @@ class TaskSpec:
     label: Optional[str] = None  # Parquet column; defaults to name
     mask: Optional[str] = None  # bool column: the label exists on this row
     weight: Optional[str] = None  # float column: per-row weight of this task's loss and metrics
+    # tasks known to be related share a cluster name (a synthetic ground truth); only read by
+    # the expert-selection metrics of recsys_moe.report (do a cluster's tasks share experts?)
+    cluster: Optional[str] = None
 
     @property
     def label_column(self) -> str:
@@ -164,8 +167,13 @@ class GateConfig:
     k: Optional[int] = None  # topk / dselect_k: the most experts one gate may select
     gamma: Optional[float] = None  # dselect_k: width of the smooth-step window
     entropy_reg: Optional[float] = None  # dselect_k: lambda of the selectors' entropy regulariser
-    entropy_start_step: Optional[int] = None  # dselect_k: lambda is 0 for this many training steps
-    entropy_warmup_steps: Optional[int] = None  # dselect_k: then ramps linearly over these steps
+    # dselect_k: lambda is 0 for this fraction of the run's training steps, then ramps linearly
+    # from 0 over entropy_warmup_fraction more (fractions of the trainer's total steps)
+    entropy_start_fraction: Optional[float] = None
+    entropy_warmup_fraction: Optional[float] = None
+    # dselect_k: the same in absolute training steps; when set, each overrides its fraction
+    entropy_start_step: Optional[int] = None
+    entropy_warmup_steps: Optional[int] = None
     noise: Optional[bool] = None  # topk: Shazeer et al.'s trainable noise (training only)
 
 

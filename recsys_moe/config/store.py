@@ -1,6 +1,11 @@
-"""Registers the typed schema with Hydra so composed configs are validated against it."""
+"""Registers the typed schema with Hydra so composed configs are validated against it, and the
+`from_dataset` resolver that data configs use to read their columns from the data set."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -13,6 +18,23 @@ SCHEMA_NAME = "train_schema"
 def register() -> None:
     """Store the schema as `train_schema`; conf/train.yaml lists it first in its defaults."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    OmegaConf.register_new_resolver("from_dataset", from_dataset, replace=True)
+
+
+def from_dataset(key: str, *, _root_: DictConfig) -> Any:
+    """`${from_dataset:tasks}`: the `data_config.<key>` entry of `<data.path>/dataset.json`,
+    written by generators whose columns depend on their arguments (e.g. the number of tasks of
+    recsys_moe.data.paper_synthetic), so one data config serves every generated set."""
+    path = Path(str(_root_.data.path)) / "dataset.json"
+    if not path.is_file():
+        raise ValueError(
+            f"data.path ({_root_.data.path}): no dataset.json, which this data config reads "
+            f"'{key}' from; write the data first (see the data config's comment)"
+        )
+    entries = json.loads(path.read_text()).get("data_config", {})
+    if key not in entries:
+        raise ValueError(f"{path}: data_config has no '{key}' (it has {sorted(entries)})")
+    return entries[key]
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:

@@ -64,3 +64,13 @@ def mae(pred: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor
     w = _w(pred, weights)
     err = (pred.to(torch.float64) - labels.to(torch.float64)).abs()
     return ((err * w).sum() / w.sum()).item()
+
+
+def accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> float:
+    """Weighted fraction of rows whose thresholded prediction (probability > 0.5, i.e.
+    logit > 0) equals the label (> 0.5)."""
+    w = _w(logits, weights)
+    hit = ((logits.to(torch.float64) > 0) == (labels.to(torch.float64) > 0.5)).to(torch.float64)
+    return ((hit * w).sum() / w.sum()).item()

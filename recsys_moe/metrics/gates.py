@@ -16,7 +16,11 @@ across ranks and from naming. compute() returns flat keys:
 - expert/<e>/load: fraction of examples expert e is computed on (union over tasks);
 - moe/active_fraction (where measured) and moe/sparse_fraction (batches on the sparse path), and
   the expert-parallel dispatch's ep/... stats: means over batches (of all ranks after reduce()),
-  so they depend on how the examples were batched, unlike the per-example keys above.
+  so they depend on how the examples were batched, unlike the per-example keys above;
+- with track_selection (static gates: every example gets the same weights),
+  gate/<task>/selection_changes: updates at which the task's set of selected experts (nonzero
+  weights) differed from the previous update's, counted since the last reset (the paper's
+  "how often does the selection change during training").
 """
 
 from __future__ import annotations
@@ -44,10 +48,19 @@ class GateTelemetry:
     >>> metrics = tel.compute(); tel.reset()          # on logging steps
     """
 
-    def __init__(self, task_names: Sequence[str], num_experts: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        num_experts: int,
+        device: torch.device,
+        track_selection: bool = False,
+    ) -> None:
         self.task_names = list(task_names)
         self.num_experts = num_experts
         self.device = device
+        self.track_selection = track_selection
+        # the previous update's selection [T, N] (first example), kept across resets
+        self._last_selection: Optional[torch.Tensor] = None
         self.reset()
 
     def reset(self) -> None:
@@ -59,6 +72,7 @@ class GateTelemetry:
         self.entropy = torch.zeros(T, dtype=torch.float64, device=dev)
         self.used = torch.zeros(T, N, dtype=torch.bool, device=dev)
         self.load = torch.zeros(N, dtype=torch.float64, device=dev)
+        self.selection_changes = torch.zeros(T, dtype=torch.float64, device=dev)
         self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
         self.moe: dict[str, torch.Tensor] = {}
         self.moe_batches: dict[str, int] = {}
@@ -69,21 +83,27 @@ class GateTelemetry:
     def update(
         self, gates: Sequence[GateOutput], moe_stats: Optional[dict[str, torch.Tensor]] = None
     ) -> None:
-        """Adds one batch."""
+        """Adds one batch (all tasks at once: one pass per statistic, not one per task)."""
         any_nonzero = None
-        for t, g in enumerate(gates):
-            w = g.weights
-            rows = w.shape[0]
+        if gates:
+            w = torch.stack([g.weights for g in gates])  # [T, B, N]
+            rows = w.shape[1]
             nz = w != 0
-            self.selected[t] += nz.sum(0)
-            self.weight[t] += w.sum(0)
-            self.active[t] += nz.sum()
-            self.max_active[t] = torch.maximum(self.max_active[t], nz.sum(-1).max())
-            self.entropy[t] += torch.special.entr(w).sum()
-            self.used[t] |= nz.any(0)
-            any_nonzero = nz if any_nonzero is None else any_nonzero | nz
+            self.selected += nz.sum(1)
+            self.weight += w.sum(1)
+            self.active += nz.sum((1, 2))
+            self.max_active = torch.maximum(self.max_active, nz.sum(-1).amax(1))
+            self.entropy += torch.special.entr(w).sum((1, 2))
+            self.used |= nz.any(1)
+            any_nonzero = nz.any(0)
+        for t, g in enumerate(gates):
             for k, v in g.stats.items():  # batch means, weighted by the batch's examples
                 self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
+        if self.track_selection and gates:
+            selection = torch.stack([g.weights[0] != 0 for g in gates])  # [T, N]
+            if self._last_selection is not None:
+                self.selection_changes += (selection != self._last_selection).any(-1)
+            self._last_selection = selection
         if any_nonzero is not None:
             self.load += any_nonzero.sum(0)
             self.examples += any_nonzero.shape[0]
@@ -129,6 +149,7 @@ class GateTelemetry:
         ent = (self.entropy / n).tolist()
         used = self.used.sum(1).tolist()
         max_active = self.max_active.tolist()
+        changes = self.selection_changes.tolist()
         out: dict[str, float] = {}
         for t, name in enumerate(self.task_names):
             p = f"gate/{name}"
@@ -136,6 +157,8 @@ class GateTelemetry:
             out[f"{p}/max_active_experts"] = float(max_active[t])
             out[f"{p}/experts_used"] = float(used[t])
             out[f"{p}/entropy"] = ent[t]
+            if self.track_selection:
+                out[f"{p}/selection_changes"] = changes[t]
             for k, v in self.stats[t].items():
                 out[f"{p}/{k}"] = float(v) / n
             for e in range(self.num_experts):
@@ -172,7 +195,7 @@ def save_heatmap(
     ax.set_yticks(range(T), list(task_names))
     ax.set_xlabel("expert")
     ax.set_title(title)
-    if N <= 24:
+    if N <= 24 and T * N <= 512:  # numbers in the cells while they stay legible (and cheap)
         for t in range(T):
             for e in range(N):
                 v = float(weights_TN[t, e])

@@ -49,7 +49,7 @@ class LabelMeans:
 class TaskMetrics:
     """Collects eval outputs of every task and computes exact metrics over all of them.
 
-    binary tasks: auc, log_loss; regression tasks: rmse, mae, rmse_baseline; every task: rows
+    binary tasks: auc, log_loss, accuracy (threshold 0.5); regression tasks: rmse, mae, rmse_baseline; every task: rows
     (the number of rows whose label exists). compute() returns flat keys "<task>/<metric>" plus
     "loss" (sum over tasks of loss_weight x the task's loss: log loss or mean squared error).
 
@@ -123,6 +123,7 @@ class TaskMetrics:
             if kind == TaskType.binary:
                 out[f"{name}/auc"] = M.auc(raw, y, w)
                 out[f"{name}/log_loss"] = task_loss = M.log_loss(raw, y, w)
+                out[f"{name}/accuracy"] = M.accuracy(raw, y, w)
             else:
                 out[f"{name}/rmse"] = r = M.rmse(raw, y, w)
                 out[f"{name}/mae"] = M.mae(raw, y, w)

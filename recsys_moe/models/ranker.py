@@ -88,7 +88,7 @@ class MultiTaskRanker(nn.Module):
         )
         self.bottom = MLP(len(data.dense), model.bottom_mlp) if data.dense else None
         in_dim = len(data.sparse) * model.embedding_dim + (
-            self.bottom.out_dim if self.bottom else 0
+            self.bottom.out_dim if self.bottom is not None else 0  # an empty MLP has len 0
         )
         self.moe = MultiTaskMoE(
             ExpertBank(
@@ -106,6 +106,12 @@ class MultiTaskRanker(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.task_types)
+
+    def set_train_progress(self, step: int, total_steps: int) -> None:
+        """The trainer calls this once per training step, before the forward: the run is at
+        optimizer step `step` (0-based) of `total_steps`. Schedules that follow the run (the
+        DSelect-k entropy regulariser) read it; it lives in buffers saved with the model."""
+        self.moe.set_train_progress(step, total_steps)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> RankerOutput:
         # TorchRec's TrainPipelineSparseDist traces this with torch.fx to find the tables' input

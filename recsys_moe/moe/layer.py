@@ -84,6 +84,11 @@ class MultiTaskMoE(nn.Module):
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher()
         self.any_sparse_gate = any(g.sparse for g in gates)
 
+    def set_train_progress(self, step: int, total_steps: int) -> None:
+        """Forwards the run's position to every gate (see Gate.set_train_progress)."""
+        for g in self.gates:
+            g.set_train_progress(step, total_steps)
+
     def use_experts(self, experts: ExpertBank, dispatcher: Dispatcher) -> None:
         """Replaces the bank and its dispatcher (expert parallelism: a rank's own experts and the
         all-to-all that reaches the others)."""

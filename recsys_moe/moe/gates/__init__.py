@@ -32,7 +32,15 @@ _GATES: dict[GateType, type[Gate]] = {
 GATE_KEYS: dict[GateType, tuple[str, ...]] = {
     GateType.softmax: (),
     GateType.topk: ("k", "noise"),
-    GateType.dselect_k: ("k", "gamma", "entropy_reg", "entropy_start_step", "entropy_warmup_steps"),
+    GateType.dselect_k: (
+        "k",
+        "gamma",
+        "entropy_reg",
+        "entropy_start_fraction",
+        "entropy_warmup_fraction",
+        "entropy_start_step",
+        "entropy_warmup_steps",
+    ),
 }
 _COMMON = ("type", "per_example")
 

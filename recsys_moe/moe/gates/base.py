@@ -53,6 +53,10 @@ class Gate(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x_BD: torch.Tensor) -> GateOutput: ...
 
+    def set_train_progress(self, step: int, total_steps: int) -> None:
+        """Where the run is: training step `step` (0-based) of `total_steps`. Gates with a
+        schedule (DSelect-k's entropy regulariser) follow it; the others ignore it."""
+
 
 def check_k(num_experts: int, k: int) -> None:
     """The checks every k-sparse gate shares, naming the config keys."""

@@ -15,12 +15,18 @@ The method, as in ../shared/DSELECT_K.md and the authors' reference Keras layer:
 Regularisers (training only), returned as GateOutput.aux_loss:
 - entropy: lambda * mean over the batch of sum_i H(r(z_i)), H(r) = -sum_e r_e log(r_e + 1e-6).
   The reference SUMS over the batch, which ties lambda to the batch size; we average, so
-  lambda(batch B) here = lambda_reference * B. lambda is 0 for the first `entropy_start_step`
-  training forward calls, then ramps linearly from 0 over `entropy_warmup_steps` more (a
-  persistent counter, so resuming keeps it): the reference's schedule_fn(num_calls), in two knobs;
-- reachability (N not a power of two): mean over the batch of sum_i 1 / sum_e r(z_i)_e, with
-  coefficient 1 as in the reference (also summed over the batch there), so selectors do not park
-  their mass on unreachable codes.
+  lambda(batch B) here = lambda_reference * B. lambda follows the run, not the forward calls:
+  it is 0 until the start of the schedule, then ramps linearly from 0 over the warm-up; start and
+  warm-up are fractions of the run's training steps (or absolute steps). The trainer tells the
+  gate where the run is with set_train_progress(step, total_steps) before each training forward;
+  the position is kept in buffers saved with the model, so a resumed run continues the schedule,
+  and a recomputed forward or an eval call never moves it. This is the reference's
+  schedule_fn(num_calls), with the optimizer step in place of the call count;
+- reachability (N not a power of two): mean over the batch of sum_i 1 / (sum_e r(z_i)_e + 1e-6),
+  with coefficient 1 as in the reference (also summed over the batch there), so selectors do not
+  park their mass on unreachable codes. Deviation from the reference: the + 1e-6 (as in the
+  authors' follow-up, COMET). Without it a selector saturated on an unreachable code has
+  sum_e r_e = 0 exactly and the penalty is +inf, which stops training with a non-finite loss.
 
 Why the exact zeros matter: where w_e = 0, every path to it passes through a factor of S at a
 flat point (S' = 0), so dw_e/dZ = dw_e/dalpha = 0 and experts with zero weight can be skipped
@@ -30,6 +36,7 @@ without changing values or gradients (see moe/layer.py, sparse mode).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,7 @@ from torch import nn
 from recsys_moe.moe.gates.base import Gate, GateOutput, check_k
 
 ENTROPY_EPS = 1e-6  # inside the log of the entropy regulariser, as in the reference
+REACH_EPS = 1e-6  # in the reachability penalty's denominator (COMET's; not in the reference)
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -85,6 +93,12 @@ class DSelectKGate(Gate):
     stats: "saturated_fraction" (selectors whose M bits all left the smooth-step window),
     "selector_entropy" (mean H(r) per selector), "entropy_reg" (the current lambda).
 
+    The entropy schedule: lambda = entropy_reg * clamp((step - start) / warmup, 0, 1) (a step
+    at `start` when warmup is 0), where step is the training step of set_train_progress and
+    start = entropy_start_step, or entropy_start_fraction * total_steps when no absolute step is
+    given (likewise the warm-up). Until set_train_progress is first called the run's length is
+    unknown: a schedule whose start is a positive fraction keeps lambda at 0 then.
+
     Example:
         >>> gate = DSelectKGate(num_experts=16, in_dim=32, k=2)
         >>> out = gate(torch.randn(8, 32))
@@ -101,17 +115,23 @@ class DSelectKGate(Gate):
         gamma: float = 1.0,
         per_example: bool = True,
         entropy_reg: float = 0.0,
-        entropy_start_step: int = 0,
-        entropy_warmup_steps: int = 0,
+        entropy_start_step: Optional[int] = None,
+        entropy_warmup_steps: Optional[int] = None,
+        entropy_start_fraction: float = 0.0,
+        entropy_warmup_fraction: float = 0.0,
     ) -> None:
         super().__init__(num_experts)
-        _check(num_experts, k, gamma, entropy_reg, entropy_start_step, entropy_warmup_steps)
+        _check(num_experts, k, gamma, entropy_reg)
+        _check_schedule("entropy_start", entropy_start_step, entropy_start_fraction)
+        _check_schedule("entropy_warmup", entropy_warmup_steps, entropy_warmup_fraction)
         self.k = k
         self.gamma = gamma
         self.per_example = per_example
         self.entropy_reg = entropy_reg
-        self.entropy_warmup_steps = entropy_warmup_steps
         self.entropy_start_step = entropy_start_step
+        self.entropy_warmup_steps = entropy_warmup_steps
+        self.entropy_start_fraction = entropy_start_fraction
+        self.entropy_warmup_fraction = entropy_warmup_fraction
         self.num_bits = num_bits(num_experts)
         self.power_of_two = num_experts == 2**self.num_bits
         if per_example:
@@ -126,8 +146,9 @@ class DSelectKGate(Gate):
         else:
             self.z = nn.Parameter(torch.empty(k, self.num_bits))
             self.alpha = nn.Parameter(torch.empty(k))
-        # training forward calls so far: drives lambda's start and ramp; saved with the model
-        self.register_buffer("num_calls", torch.zeros((), dtype=torch.long))
+        # where the run is (set_train_progress): drives lambda's schedule; saved with the model
+        self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -167,16 +188,41 @@ class DSelectKGate(Gate):
         u = out[:, :km].reshape(x_BD.shape[0], self.k, self.num_bits).clamp(0.0, 1.0)
         return u, out[:, km:]
 
+    def set_train_progress(self, step: int, total_steps: int) -> None:
+        """The run is at training step `step` (0-based: optimizer steps taken so far) of
+        `total_steps`. Called by the trainer before each training forward."""
+        if step < 0 or total_steps < 0:
+            raise ValueError(f"set_train_progress({step}, {total_steps}): both must be >= 0")
+        self.train_step.fill_(step)
+        self.total_steps.fill_(total_steps)
+
+    def schedule_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start, warm-up) of lambda's schedule in training steps, as float64 device tensors:
+        the absolute steps where given, else the fractions of total_steps (inf for a start that
+        is a positive fraction of a run of unknown length: lambda stays 0)."""
+        total = self.total_steps.double()
+        if self.entropy_start_step is not None:
+            start = torch.full_like(total, float(self.entropy_start_step))
+        else:
+            start = self.entropy_start_fraction * total
+            if self.entropy_start_fraction > 0:
+                start = torch.where(total > 0, start, torch.full_like(start, math.inf))
+        if self.entropy_warmup_steps is not None:
+            warmup = torch.full_like(total, float(self.entropy_warmup_steps))
+        else:
+            warmup = self.entropy_warmup_fraction * total
+        return start, warmup
+
     def current_entropy_reg(self) -> torch.Tensor:
-        """lambda now: 0 for the first `entropy_start_step` training calls, then a linear ramp
-        from 0 to entropy_reg over `entropy_warmup_steps` more (a device tensor: reading it never
-        syncs the host). Training call c (counted from 0) uses
-        entropy_reg * clamp((c - start) / warmup, 0, 1), or a step at c = start if warmup is 0."""
-        lam = torch.full((), self.entropy_reg, device=self.num_calls.device)
-        since = (self.num_calls - self.entropy_start_step).float()
-        if self.entropy_warmup_steps > 0:
-            return lam * (since / self.entropy_warmup_steps).clamp(0.0, 1.0)
-        return lam * (since >= 0).float()
+        """lambda at the current training step: 0 before the start, then a linear ramp from 0 to
+        entropy_reg over the warm-up (a step at the start when the warm-up is 0). A device
+        tensor: reading it never syncs the host."""
+        start, warmup = self.schedule_steps()
+        since = self.train_step.double() - start
+        ramp = torch.where(
+            warmup > 0, (since / warmup.clamp_min(1e-12)).clamp(0.0, 1.0), (since >= 0).double()
+        )
+        return self.entropy_reg * ramp
 
     def forward(self, x_BD: torch.Tensor) -> GateOutput:
         u, alpha = self._window_and_alpha(x_BD)
@@ -190,12 +236,12 @@ class DSelectKGate(Gate):
         aux = x_BD.new_zeros(())
         lam = self.current_entropy_reg()
         if self.training:
-            self.num_calls += 1
             if self.entropy_reg > 0:
                 # mean over the batch (the reference sums), of the sum over the K selectors
                 aux = aux + lam * entropy(r).sum(-1).mean()
             if not self.power_of_two:
-                aux = aux + (1.0 / r.sum(-1)).sum(-1).mean()
+                # + REACH_EPS: finite even when a selector saturates on an unreachable code
+                aux = aux + (1.0 / (r.sum(-1) + REACH_EPS)).sum(-1).mean()
 
         u_d, r_d = u.detach(), r.detach()
 
@@ -211,15 +257,18 @@ class DSelectKGate(Gate):
         return GateOutput(weights=w, aux_loss=aux, stats_fn=stats)
 
 
-def _check(
-    num_experts: int, k: int, gamma: float, entropy_reg: float, start: int, warmup: int
-) -> None:
+def _check(num_experts: int, k: int, gamma: float, entropy_reg: float) -> None:
     check_k(num_experts, k)
     if not gamma > 0:
         raise ValueError(f"model.gate.gamma ({gamma}) must be > 0")
     if entropy_reg < 0:
         raise ValueError(f"model.gate.entropy_reg ({entropy_reg}) must be >= 0")
-    if warmup < 0:
-        raise ValueError(f"model.gate.entropy_warmup_steps ({warmup}) must be >= 0")
-    if start < 0:
-        raise ValueError(f"model.gate.entropy_start_step ({start}) must be >= 0")
+
+
+def _check_schedule(name: str, steps: Optional[int], fraction: float) -> None:
+    """<name>_step(s) (absolute, optional) and <name>_fraction (of the run's steps)."""
+    key = "entropy_start_step" if name == "entropy_start" else "entropy_warmup_steps"
+    if steps is not None and steps < 0:
+        raise ValueError(f"model.gate.{key} ({steps}) must be >= 0")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"model.gate.{name}_fraction ({fraction}) must be in [0, 1]")

@@ -26,7 +26,7 @@ def _options(group: str) -> list[str]:
 def test_default_composes_to_typed_config():
     cfg = _compose()
     assert isinstance(cfg, TrainConfig)
-    assert cfg.model.gate.type == GateType.softmax
+    assert cfg.model.gate.type == GateType.dselect_k  # the product's gate is the default
     assert [t.type for t in cfg.data.tasks] == [
         TaskType.binary,
         TaskType.binary,
@@ -45,7 +45,15 @@ def test_default_composes_to_typed_config():
         for o in _options(g)
     ],
 )
-def test_every_group_option_composes(group, option):
+def test_every_group_option_composes(group, option, tmp_path):
+    if (group, option) == ("data", "paper_synthetic"):
+        # its columns come from the generated data set's dataset.json (from_dataset resolver)
+        from recsys_moe.data.paper_synthetic import PaperSyntheticSpec, write
+
+        write(PaperSyntheticSpec(num_tasks=4, num_clusters=2, train_rows=10), tmp_path / "d")
+        cfg = _compose(f"{group}={option}", f"data.path={tmp_path / 'd'}")
+        assert [t.cluster for t in cfg.data.tasks] == ["c00", "c01", "c00", "c01"]
+        return
     _compose(f"{group}={option}")
 
 
@@ -61,12 +69,15 @@ def test_gate_config_reaches_the_gate():
         "model.gate.entropy_reg=0.2",
         "model.gate.entropy_start_step=11",
         "model.gate.entropy_warmup_steps=13",
+        "model.gate.entropy_start_fraction=0.3",
+        "model.gate.entropy_warmup_fraction=0.2",
     )
     gate = build_gate(cfg.model.gate, cfg.model.num_experts, in_dim=5)
     assert isinstance(gate, DSelectKGate)
     got = (gate.k, gate.gamma, gate.per_example, gate.entropy_reg)
     assert got == (3, 0.7, False, 0.2)
     assert (gate.entropy_start_step, gate.entropy_warmup_steps) == (11, 13)
+    assert (gate.entropy_start_fraction, gate.entropy_warmup_fraction) == (0.3, 0.2)
     default = _compose("model/gate=dselect_k").model.gate  # the README's documented default
     assert (default.per_example, default.k, default.gamma, default.entropy_reg) == (
         True,
@@ -74,7 +85,9 @@ def test_gate_config_reaches_the_gate():
         0.5,
         3.0,
     )
-    assert (default.entropy_start_step, default.entropy_warmup_steps) == (600, 100)
+    # the schedule follows the run: half of its steps at lambda 0, then a ramp over a tenth
+    assert (default.entropy_start_fraction, default.entropy_warmup_fraction) == (0.5, 0.1)
+    assert (default.entropy_start_step, default.entropy_warmup_steps) == (None, None)
 
 
 def test_unknown_key_fails_naming_it():

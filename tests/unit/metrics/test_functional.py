@@ -63,3 +63,11 @@ def test_log_loss_rmse_mae_match_formulas():
     assert M.mae(torch.tensor(pred), torch.tensor(target)) == pytest.approx(
         np.abs(pred - target).mean(), rel=1e-12
     )
+
+
+def test_accuracy_thresholds_probabilities_at_one_half_with_weights():
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0])  # p > 0.5 for rows 0 and 2 only
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])
+    assert M.accuracy(logits, y) == pytest.approx(3 / 5)  # rows 0, 3, 4 right
+    w = torch.tensor([1.0, 3.0, 1.0, 1.0, 2.0])
+    assert M.accuracy(logits, y, w) == pytest.approx((1 + 1 + 2) / 8)

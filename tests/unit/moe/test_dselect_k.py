@@ -154,7 +154,7 @@ def _gate_math(gate, z, alpha):
     w = (torch.softmax(alpha, -1).unsqueeze(-1) * r).sum(-2)
     reg = gate.entropy_reg * entropy(r).sum(-1).mean()
     if gate.num_experts != 2**gate.num_bits:
-        reg = reg + (1.0 / r.sum(-1)).sum(-1).mean()
+        reg = reg + (1.0 / (r.sum(-1) + 1e-6)).sum(-1).mean()  # COMET's + 1e-6
     return w, reg
 
 
@@ -237,7 +237,7 @@ def test_reachability_penalty_for_n_not_a_power_of_two():
         gate.z.copy_(torch.tensor([[0.3, -0.1, 0.2], [-0.4, 0.4, 0.0]]))
     out = gate(torch.zeros(3, 6))
     r = selector_outputs(smooth_step(gate.z, gate.gamma), 5)
-    expected = (1.0 / r.sum(-1)).sum()
+    expected = (1.0 / (r.sum(-1) + 1e-6)).sum()
     assert out.aux_loss.item() == pytest.approx(expected.item(), rel=1e-12)
     assert out.aux_loss.item() > 2.0  # both selectors lose mass to the 3 unreachable codes
     # a gradient step on the penalty moves mass back onto reachable experts
@@ -271,45 +271,97 @@ def test_saturated_static_selectors_are_frozen():
     assert not torch.equal(gate.z[1], z0[1])  # the other one still learns
 
 
-def test_entropy_regulariser_is_a_batch_mean_with_a_warmup_ramp():
+def test_reachability_penalty_is_finite_on_an_unreachable_code():
+    """A selector saturated on code 7 of n = 5 has sum_e r_e = 0 exactly: the reference's
+    1 / 0 would be +inf; with COMET's + 1e-6 the loss and its gradients stay finite."""
+    gate = _gate(n=5, k=2, per_example=False)
+    gate.train()
+    with torch.no_grad():
+        gate.z.copy_(torch.tensor([[5.0, 5.0, 5.0], [-5.0, -5.0, 5.0]]))  # codes 7 and 1
+    out = gate(torch.zeros(3, 6))
+    w = out.weights[0]
+    assert w.sum().item() < 1.0 and (w[[0, 2, 3, 4]] == 0).all()  # selector 0 is lost off the end
+    assert math.isfinite(out.aux_loss.item())
+    assert out.aux_loss.item() == pytest.approx(1e6 + 1.0, rel=1e-6)  # 1 / 1e-6 + 1 / (1 + 1e-6)
+    out.aux_loss.backward()
+    assert torch.isfinite(gate.z.grad).all()
+
+
+def _lambdas(gate, steps, total):
+    lams = []
+    for s in steps:
+        gate.set_train_progress(s, total)
+        lams.append(gate.current_entropy_reg().item())
+    return lams
+
+
+def test_entropy_regulariser_is_a_batch_mean_that_follows_the_training_step():
     gate = _gate(n=8, k=2, per_example=True, entropy_reg=0.4, entropy_warmup_steps=4)
     gate.train()
     x = torch.randn(10, 6)
-    regs = [gate(x).aux_loss.item() for _ in range(6)]
     z, _ = gate.logits(x)
     h = entropy(selector_outputs(smooth_step(z, gate.gamma), 8)).sum(-1).mean().item()
-    # lambda at call c (0-based) = 0.4 * min(1, c / 4)
-    assert regs == pytest.approx([0.4 * min(1, c / 4) * h for c in range(6)], rel=1e-12)
-    assert gate.num_calls.item() == 6 and "num_calls" in gate.state_dict()
-    # the batch mean does not depend on the batch size (the reference's sum would double)
-    twice = torch.cat([x, x])
-    assert gate(twice).aux_loss.item() == pytest.approx(regs[-1], rel=1e-12)
+    regs = []
+    for step in range(6):
+        gate.set_train_progress(step, 100)
+        regs.append(gate(x).aux_loss.item())
+    # lambda at step s (0-based) = 0.4 * min(1, s / 4)
+    assert regs == pytest.approx([0.4 * min(1, s / 4) * h for s in range(6)], rel=1e-12)
+    # forward calls do not move the schedule: a recomputed forward, an eval call, another forward
+    gate.set_train_progress(2, 100)
+    first = gate(x).aux_loss.item()
     gate.eval()
-    assert gate(x).aux_loss.item() == 0.0 and gate.num_calls.item() == 7
+    assert gate(x).aux_loss.item() == 0.0  # no regulariser at eval
+    gate.train()
+    assert [gate(x).aux_loss.item() for _ in range(3)] == pytest.approx([first] * 3, rel=1e-12)
+    assert first == pytest.approx(0.2 * h, rel=1e-12)
+    # the batch mean does not depend on the batch size (the reference's sum would double)
+    assert gate(torch.cat([x, x])).aux_loss.item() == pytest.approx(first, rel=1e-12)
 
 
 @pytest.mark.parametrize("warmup", [0, 2])
-def test_entropy_regulariser_starts_at_its_start_step(warmup):
+def test_entropy_regulariser_starts_at_its_absolute_start_step(warmup):
     gate = _gate(
         n=8,
         k=2,
-        per_example=True,
         entropy_reg=0.4,
         entropy_start_step=3,
         entropy_warmup_steps=warmup,
+        entropy_start_fraction=0.9,  # overridden by the absolute step
     )
-    gate.train()
-    x = torch.randn(10, 6)
-    regs = [gate(x).aux_loss.item() for _ in range(7)]
-    lams = [gate.current_entropy_reg().item()]
-    z, _ = gate.logits(x)
-    h = entropy(selector_outputs(smooth_step(z, gate.gamma), 8)).sum(-1).mean().item()
-    # call c (0-based): lambda = 0 before c = 3, then 0.4 * min(1, (c - 3) / warmup)
     want = [
-        0.4 * (min(1, (c - 3) / warmup) if warmup else 1.0) if c >= 3 else 0.0 for c in range(7)
+        0.4 * (min(1, (s - 3) / warmup) if warmup else 1.0) if s >= 3 else 0.0 for s in range(7)
     ]
-    assert regs == pytest.approx([lam * h for lam in want], rel=1e-12, abs=0)
-    assert lams == pytest.approx([0.4])
+    assert _lambdas(gate, range(7), total=1000) == pytest.approx(want, rel=1e-12, abs=0)
+
+
+def test_entropy_schedule_as_fractions_of_the_run():
+    gate = _gate(n=8, k=2, entropy_reg=2.0, entropy_start_fraction=0.5, entropy_warmup_fraction=0.1)
+    # run of 200 steps: 0 before step 100, ramp over 20 steps, full from step 120
+    got = _lambdas(gate, [0, 99, 100, 105, 110, 119, 120, 199], total=200)
+    assert got == pytest.approx([0, 0, 0, 0.5, 1.0, 1.9, 2.0, 2.0], rel=1e-6, abs=1e-12)
+    # the same gate in a run of 2000 steps starts at step 1000
+    assert _lambdas(gate, [999, 1000, 1100, 1200], total=2000) == pytest.approx(
+        [0, 0, 1.0, 2.0], rel=1e-6, abs=1e-12
+    )
+    # before the trainer says how long the run is, a fractional start keeps lambda at 0
+    assert (
+        _gate(n=8, entropy_reg=2.0, entropy_start_fraction=0.5).current_entropy_reg().item() == 0.0
+    )
+    assert _gate(n=8, entropy_reg=2.0).current_entropy_reg().item() == 2.0  # start fraction 0
+
+
+def test_schedule_position_is_saved_with_the_model():
+    gate = _gate(n=8, k=2, entropy_reg=1.0, entropy_start_fraction=0.5, entropy_warmup_fraction=0.1)
+    gate.set_train_progress(105, 200)
+    state = gate.state_dict()
+    assert state["train_step"].item() == 105 and state["total_steps"].item() == 200
+    resumed = _gate(
+        n=8, k=2, entropy_reg=1.0, entropy_start_fraction=0.5, entropy_warmup_fraction=0.1
+    )
+    assert resumed.current_entropy_reg().item() == 0.0
+    resumed.load_state_dict(state)
+    assert resumed.current_entropy_reg().item() == pytest.approx(0.25, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -317,6 +369,12 @@ def test_entropy_regulariser_starts_at_its_start_step(warmup):
     [
         (dict(num_experts=0), "model.num_experts (0)"),
         (dict(entropy_start_step=-1), "model.gate.entropy_start_step (-1) must be >= 0"),
+        (dict(entropy_warmup_steps=-2), "model.gate.entropy_warmup_steps (-2) must be >= 0"),
+        (
+            dict(entropy_start_fraction=1.5),
+            "model.gate.entropy_start_fraction (1.5) must be in [0, 1]",
+        ),
+        (dict(entropy_warmup_fraction=-0.1), "model.gate.entropy_warmup_fraction (-0.1) must be"),
         (dict(k=0), "model.gate.k (0) must be >= 1"),
         (dict(k=9), "model.gate.k (9) must be <= model.num_experts (8)"),
         (dict(gamma=0.0), "model.gate.gamma (0.0) must be > 0"),
