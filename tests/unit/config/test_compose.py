@@ -130,9 +130,9 @@ def test_switching_gates_on_the_command_line(tmp_path):
         "model:\n  num_experts: 16\n  gate:\n    k: 2\n"
     )
     search = f"hydra.searchpath=[file://{tmp_path}]"
-    assert _compose(search, "+experiment=two_of_16").model.gate.k == 2
-    cfg = _compose(search, "+experiment=two_of_16", "model/gate=softmax").model.gate
+    assert _compose(search, "experiment=two_of_16").model.gate.k == 2
+    cfg = _compose(search, "experiment=two_of_16", "model/gate=softmax").model.gate
     with pytest.raises(ValueError, match=r"model\.gate\.k \(2\) is not used by the softmax gate"):
         build_gate(cfg, 16, in_dim=5)
-    cfg = _compose(search, "+experiment=two_of_16", "model/gate=softmax", "model.gate.k=null")
+    cfg = _compose(search, "experiment=two_of_16", "model/gate=softmax", "model.gate.k=null")
     assert isinstance(build_gate(cfg.model.gate, 16, in_dim=5), SoftmaxGate)

@@ -18,6 +18,8 @@ SET_VALUES = {
     "k": 1,
     "gamma": 0.5,
     "entropy_reg": 0.1,
+    "entropy_start_fraction": 0.25,
+    "entropy_warmup_fraction": 0.5,
     "entropy_start_step": 3,
     "entropy_warmup_steps": 4,
     "noise": False,  # set, even to its default: still a key the gate would ignore
