@@ -56,6 +56,15 @@ class GateType(str, Enum):
     dselect_k = "dselect_k"  # Hazimeh et al., NeurIPS 2021: differentiable k-sparse selection
 
 
+class GateKernel(str, Enum):
+    """How DSelect-k's per-example gate is computed (model.gate.kernel); the same values and
+    gradients every way (recsys_moe/moe/gates/dselect_k_fused.py)."""
+
+    reference = "reference"  # eager autograd through the paper's formulas (the reference)
+    fused = "fused"  # one autograd Function, batch-last layout, hand-written backward
+    compiled = "compiled"  # fused, its forward and backward compiled by torch.compile
+
+
 class ExpertCompute(str, Enum):
     dense = "dense"  # every expert on every example
     sparse = "sparse"  # each expert only on the examples some task gives it nonzero weight
@@ -175,6 +184,9 @@ class GateConfig:
     entropy_start_step: Optional[int] = None
     entropy_warmup_steps: Optional[int] = None
     noise: Optional[bool] = None  # topk: Shazeer et al.'s trainable noise (training only)
+    # dselect_k: reference | fused | compiled (torch.compile: needs a C++ compiler on CPU,
+    # Triton on CUDA); the same values and gradients, fused and compiled faster
+    kernel: Optional[GateKernel] = None
 
 
 @dataclass
