@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_moe.moe.grouped import expert_linear
+from recsys_moe.moe.grouped import expert_linear, expert_mlp
 
 
 class ExpertBank(nn.Module):
@@ -79,7 +79,14 @@ class ExpertBank(nn.Module):
         bank.train(self.training)
         return bank
 
+    def _layer_by_layer(self) -> bool:
+        """Dropout between the layers needs them one at a time; else each expert's whole MLP
+        runs at once (moe/grouped.py: expert_mlp, the same values, fewer passes over memory)."""
+        return self.dropout > 0 and self.training
+
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if not self._layer_by_layer():
+            return expert_mlp(x_BD, list(self.weights), list(self.biases))
         h = x_BD  # the first layer reads the shared [B, D] input in place (no copy per expert)
         for w_NIO, b_NO in zip(self.weights, self.biases):
             h = expert_linear(h, w_NIO, b_NO, relu=True)  # [B, I] or [N, B, I] -> [N, B, O]
@@ -88,8 +95,10 @@ class ExpertBank(nn.Module):
         return h
 
     def forward_grouped(self, x_PD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        h = x_PD
         counts = list(counts)
+        if not self._layer_by_layer():
+            return expert_mlp(x_PD, list(self.weights), list(self.biases), counts)
+        h = x_PD
         for w_NIO, b_NO in zip(self.weights, self.biases):
             h = expert_linear(h, w_NIO, b_NO, counts, relu=True)  # [P, I] -> [P, O]
             if self.dropout > 0:

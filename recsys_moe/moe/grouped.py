@@ -142,7 +142,111 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+class _ExpertMLP(torch.autograd.Function):
+    """Every layer of expert e (Linear -> ReLU each), one expert after the other: x [B, I]
+    shared by all experts -> [N, B, O], or x [P, I] grouped by expert (counts) -> [P, O].
+
+    Forward and backward run the whole MLP of one expert before the next, so its intermediate
+    activations and their gradients ([rows, hidden], a few hundred KiB at batch 512) are reused
+    while in cache; layer by layer, each pass streamed the [N, B, hidden] tensors of all experts
+    through memory (measured on the default job's bank, forward + backward, interleaved medians:
+    0.87 of the layer-by-layer kernels at batch 512 and 0.74 to 0.81 at batch 4096 and 8192 on
+    1 thread, 0.75 to 0.99 on 2). The outputs of every layer are kept for backward (the ReLU masks
+    and the next layer's inputs), as layer by layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, counts: Optional[list[int]], *params):
+        num_layers = len(params) // 2
+        ws, bs = params[:num_layers], params[num_layers:]
+        num_experts = ws[0].shape[0]
+        grouped = counts is not None
+        lead = () if grouped else (num_experts,)
+        acts = [x.new_empty(*lead, x.shape[0], w.shape[2]) for w in ws]
+        for e, rows in _expert_rows(num_experts, counts, x.shape[0]):
+            h = x[rows]
+            for layer in range(num_layers):
+                out = acts[layer][rows] if grouped else acts[layer][e]
+                torch._addmm_activation(bs[layer][e], h, ws[layer][e], out=out)
+                h = out
+        ctx.counts = counts
+        ctx.num_layers = num_layers
+        ctx.save_for_backward(x, *ws, *acts)
+        return acts[-1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        num_layers, counts = ctx.num_layers, ctx.counts
+        x, *rest = ctx.saved_tensors
+        ws, acts = rest[:num_layers], rest[num_layers:]
+        num_experts, grouped = ws[0].shape[0], counts is not None
+        # experts without rows (grouped) keep zero gradients
+        new = torch.zeros_like if grouped else torch.empty_like
+        grad_ws = [new(w) for w in ws]
+        grad_bs = [w.new_zeros(num_experts, w.shape[2]) for w in ws]
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        for e, rows in _expert_rows(num_experts, counts, x.shape[0]):
+            act = [a[rows] if grouped else a[e] for a in acts]
+            g = torch.ops.aten.threshold_backward(
+                grad_out[rows] if grouped else grad_out[e], act[-1], 0.0
+            )
+            for layer in range(num_layers - 1, -1, -1):
+                inp = act[layer - 1] if layer else x[rows]
+                torch.mm(inp.t(), g, out=grad_ws[layer][e])
+                torch.sum(g, 0, out=grad_bs[layer][e])
+                if layer:  # the gradient before the previous layer's ReLU, in place (ours)
+                    g_in = torch.mm(g, ws[layer][e].t())
+                    g = torch.ops.aten.threshold_backward.grad_input(
+                        g_in, act[layer - 1], 0.0, grad_input=g_in
+                    )
+                elif grad_x is not None:
+                    if grouped:
+                        torch.mm(g, ws[0][e].t(), out=grad_x[rows])
+                    else:
+                        grad_x.addmm_(g, ws[0][e].t())
+        return (grad_x, None, *grad_ws, *grad_bs)
+
+
+def _expert_rows(num_experts: int, counts: Optional[list[int]], num_rows: int):
+    """(expert, its rows) for every expert with rows: all rows (shared input) or its group."""
+    if counts is None:
+        for e in range(num_experts):
+            yield e, slice(0, num_rows)
+        return
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c)
+        start += c
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    counts: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """Every expert's MLP (Linear -> ReLU per layer; weights[l] [N, I_l, O_l], biases[l]
+    [N, O_l]) on its rows: x [B, I] shared -> [N, B, O]; x [P, I] with counts -> [P, O].
+    The same values and gradients as expert_linear(..., relu=True) layer after layer."""
+    if counts is not None:
+        counts = list(counts)
+        if sum(counts) != x.shape[0] or len(counts) != weights[0].shape[0]:
+            raise ValueError(
+                f"counts ({len(counts)} groups, {sum(counts)} rows) do not match x "
+                f"{tuple(x.shape)} and {weights[0].shape[0]} experts"
+            )
+    dtype = autocast_dtype(x)
+    if dtype is not None and dtype != x.dtype:
+        x = x.to(dtype)
+    if any(w.dtype != x.dtype for w in weights):
+        weights = [w.to(x.dtype) for w in weights]
+        biases = [b.to(x.dtype) for b in biases]
+    return _ExpertMLP.apply(x, counts, *weights, *biases)
+
+
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype autocast gives matmuls on t's device, or None where autocast is off."""
     kind = t.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
@@ -167,7 +271,7 @@ def expert_linear(
                 f"counts ({len(counts)} groups, {sum(counts)} rows) do not match x "
                 f"{tuple(x.shape)} and w {tuple(w_NIO.shape)}"
             )
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     if dtype is not None and dtype != x.dtype:
         x = x.to(dtype)
     if x.dtype != w_NIO.dtype:  # autocast, or parameters kept in another dtype than activations

@@ -1,7 +1,8 @@
-"""DSelect-k's per-example gate as one autograd Function (model.gate.kernel=fused|compiled).
+"""DSelect-k's per-example gates as one autograd Function (model.gate.kernel=fused|compiled).
 
-Legend: B = examples, D = gate input width, H = K*M + K affine outputs, K = selectors,
-M = bits per code, C = 2^M codes, N = experts (the first N codes).
+Legend: T = gates (tasks) computed together, B = examples, D = gate input width,
+H = K*M + K affine outputs per gate, K = selectors, M = bits per code, C = 2^M codes,
+N = experts (the first N codes).
 
 The same values and gradients as the eager reference in dselect_k.py (tests/unit/moe/
 test_dselect_k_fused.py checks them in float64), computed differently:
@@ -12,6 +13,9 @@ test_dselect_k_fused.py checks them in float64), computed differently:
   intermediate of the Kronecker product (about 20 passes forward, 40 backward); here backward
   rebuilds the small prefix products r(s_0..s_{j-1}) and walks the code tree back once, and the
   affine map's gradients are two GEMMs on the [H, B] gradient;
+- the T tasks' gates of a layer run as one call (forward_gates): one GEMM for all their affine
+  maps and every elementwise pass over all their selectors, instead of T calls of small passes
+  (at the default job's batch of 512, per-call overhead is most of a gate's time);
 - `compiled` runs the forward and backward math each as one torch.compile'd kernel (inductor: a
   C++ loop on CPU, Triton on CUDA); the first call of each shape compiles (seconds), later ones
   reuse it (batch sizes become dynamic after the first change).
@@ -29,11 +33,13 @@ gives through clamp and the cubic.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from recsys_moe.moe.gates.base import GateOutput
+from recsys_moe.moe.gates.base import Gate, GateOutput
 from recsys_moe.moe.gates.dselect_k import (
     ENTROPY_EPS,
     REACH_EPS,
@@ -43,38 +49,38 @@ from recsys_moe.moe.gates.dselect_k import (
 )
 
 
-def _codes(s_KMB: torch.Tensor) -> list[torch.Tensor]:
-    """Prefix products R_0 .. R_M: R_j [K, 2^j, B] over bits 0..j-1; R_M is r over all C codes."""
-    k, m, b = s_KMB.shape
-    prefixes = [s_KMB.new_ones(k, 1, b)]
+def _codes(s_XMB: torch.Tensor) -> list[torch.Tensor]:
+    """Prefix products R_0 .. R_M: R_j [X, 2^j, B] over bits 0..j-1; R_M is r over all C codes."""
+    x, m, b = s_XMB.shape
+    prefixes = [s_XMB.new_ones(x, 1, b)]
     for j in range(m):
-        s_j = s_KMB[:, j : j + 1]
+        s_j = s_XMB[:, j : j + 1]
         r = prefixes[-1]
-        prefixes.append(torch.stack([r * (1.0 - s_j), r * s_j], dim=2).view(k, -1, b))
+        prefixes.append(torch.stack([r * (1.0 - s_j), r * s_j], dim=2).view(x, -1, b))
     return prefixes
 
 
-def forward_math(
-    lin_HB: torch.Tensor, k: int, m: int, n: int, with_entropy: bool, with_reach: bool
-):
-    """lin [H, B] (rows [0, K*M): u before the clamp; [K*M, H): mixing logits) ->
-    (w [B, N], entropy sum / B, reachability sum / B, u [K, M, B], s [K, M, B], mix [K, B])."""
-    km, b = k * m, lin_HB.shape[1]
-    u = lin_HB[:km].clamp(0.0, 1.0).view(k, m, b)
+def forward_math(lin_THB: torch.Tensor, k: int, m: int, n: int, with_entropy: bool, with_reach: bool):
+    """lin [T, H, B] (per gate, rows [0, K*M): u before the clamp; [K*M, H): mixing logits) ->
+    (w [T, B, N], entropy [T] and reachability [T] summed over selectors and averaged over the
+    batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B])."""
+    t, _, b = lin_THB.shape
+    km = k * m
+    u = lin_THB[:, :km].clamp(0.0, 1.0).reshape(t * k, m, b)
     s = u * u * (3.0 - 2.0 * u)  # smooth_step
-    r = _codes(s)[-1][:, :n]  # [K, N, B]
-    mix = torch.softmax(lin_HB[km:], dim=0)  # over the K selectors
-    w_BN = (mix.unsqueeze(1) * r).sum(0).t().contiguous()
-    zero = lin_HB.new_zeros(())
-    ent = -(r * torch.log(r + ENTROPY_EPS)).sum() / b if with_entropy else zero
-    reach = (1.0 / (r.sum(1) + REACH_EPS)).sum() / b if with_reach else zero
-    return w_BN, ent, reach, u, s, mix
+    r = _codes(s)[-1][:, :n].reshape(t, k, n, b)
+    mix = torch.softmax(lin_THB[:, km:], dim=1)  # over each gate's K selectors
+    w_TBN = (mix.unsqueeze(2) * r).sum(1).transpose(1, 2).contiguous()
+    zeros = lin_THB.new_zeros(t)
+    ent = -(r * torch.log(r + ENTROPY_EPS)).sum((1, 2, 3)) / b if with_entropy else zeros
+    reach = (1.0 / (r.sum(2) + REACH_EPS)).sum((1, 2)) / b if with_reach else zeros
+    return w_TBN, ent, reach, u, s, mix
 
 
 def backward_math(
-    grad_w_BN: torch.Tensor,
-    grad_ent: torch.Tensor,
-    grad_reach: torch.Tensor,
+    grad_w_TBN: torch.Tensor,
+    grad_ent_T: torch.Tensor,
+    grad_reach_T: torch.Tensor,
     u: torch.Tensor,
     s: torch.Tensor,
     mix: torch.Tensor,
@@ -82,29 +88,33 @@ def backward_math(
     with_entropy: bool,
     with_reach: bool,
 ) -> torch.Tensor:
-    """The gradient of the affine outputs, [H, B], from those of forward_math's outputs."""
-    k, m, b = u.shape
+    """The gradient of the affine outputs, [T, H, B], from those of forward_math's outputs."""
+    tk, m, b = u.shape
+    t, k = mix.shape[:2]
     prefixes = _codes(s)
-    r = prefixes[-1][:, :n]
-    g_NB = grad_w_BN.t().contiguous()  # batch last, as everything else here
-    g_mix = (g_NB.unsqueeze(0) * r).sum(1)  # [K, B]
-    g_alpha = mix * (g_mix - (mix * g_mix).sum(0, keepdim=True))  # softmax backward
-    G = mix.unsqueeze(1) * g_NB.unsqueeze(0)  # dL/dr [K, N, B]
+    r = prefixes[-1][:, :n].reshape(t, k, n, b)
+    g_TNB = grad_w_TBN.transpose(1, 2).contiguous()  # batch last, as everything else here
+    g_mix = (g_TNB.unsqueeze(1) * r).sum(2)  # [T, K, B]
+    g_alpha = mix * (g_mix - (mix * g_mix).sum(1, keepdim=True))  # softmax backward
+    G = mix.unsqueeze(2) * g_TNB.unsqueeze(1)  # dL/dr [T, K, N, B]
     if with_entropy:  # d(-r log(r + eps))/dr
-        G = G - (grad_ent / b) * (torch.log(r + ENTROPY_EPS) + r / (r + ENTROPY_EPS))
+        scale = (grad_ent_T / b).view(t, 1, 1, 1)
+        G = G - scale * (torch.log(r + ENTROPY_EPS) + r / (r + ENTROPY_EPS))
     if with_reach:
-        G = G - (grad_reach / b) / (r.sum(1, keepdim=True) + REACH_EPS) ** 2
+        scale = (grad_reach_T / b).view(t, 1, 1, 1)
+        G = G - scale / (r.sum(2, keepdim=True) + REACH_EPS) ** 2
+    G = G.reshape(tk, n, b)
     codes = prefixes[-1].shape[1]
     if n < codes:  # unreachable codes: no gradient
-        G = torch.cat([G, G.new_zeros(k, codes - n, b)], dim=1)
-    g_s = [u.new_zeros(k, b)] * m
+        G = torch.cat([G, G.new_zeros(tk, codes - n, b)], dim=1)
+    g_s = [u.new_zeros(tk, b)] * m
     for j in range(m - 1, -1, -1):
-        pairs = G.view(k, -1, 2, b)  # [K, 2^j, 2, B]
+        pairs = G.view(tk, -1, 2, b)  # [T*K, 2^j, 2, B]
         g_s[j] = ((pairs[:, :, 1] - pairs[:, :, 0]) * prefixes[j]).sum(1)
         s_j = s[:, j : j + 1]
         G = pairs[:, :, 0] * (1.0 - s_j) + pairs[:, :, 1] * s_j
-    g_u = (torch.stack(g_s, dim=1) if m else u) * (6.0 * u * (1.0 - u))  # [K, M, B]
-    return torch.cat([g_u.reshape(k * m, b), g_alpha], dim=0)
+    g_u = (torch.stack(g_s, dim=1) if m else u) * (6.0 * u * (1.0 - u))  # [T*K, M, B]
+    return torch.cat([g_u.reshape(t, k * m, b), g_alpha], dim=1)
 
 
 @functools.cache
@@ -131,23 +141,26 @@ def _run(compiled: bool, which: int, *args):
 
 class _DSelectKFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, w_HD, b_H, k, m, n, with_entropy, with_reach, compiled):
-        lin_HB = torch.addmm(b_H.unsqueeze(1), w_HD, x_BD.t())
-        w_BN, ent, reach, u, s, mix = _run(compiled, 0, lin_HB, k, m, n, with_entropy, with_reach)
-        ctx.save_for_backward(x_BD, w_HD, u, s, mix)
+    def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, compiled):
+        t, h, d = w_THD.shape
+        lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
+        w_TBN, ent, reach, u, s, mix = _run(
+            compiled, 0, lin.view(t, h, x_BD.shape[0]), k, m, n, with_entropy, with_reach
+        )
+        ctx.save_for_backward(x_BD, w_THD, u, s, mix)
         ctx.options = (n, with_entropy, with_reach, compiled)
         ctx.mark_non_differentiable(u)
-        return w_BN, ent, reach, u
+        return w_TBN, ent, reach, u
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_w_BN, grad_ent, grad_reach, _grad_u):
-        x_BD, w_HD, u, s, mix = ctx.saved_tensors
+    def backward(ctx, grad_w_TBN, grad_ent, grad_reach, _grad_u):
+        x_BD, w_THD, u, s, mix = ctx.saved_tensors
         n, with_entropy, with_reach, compiled = ctx.options
-        g_HB = _run(
+        g_THB = _run(
             compiled,
             1,
-            grad_w_BN.contiguous(),
+            grad_w_TBN.contiguous(),
             grad_ent,
             grad_reach,
             u,
@@ -157,36 +170,82 @@ class _DSelectKFunction(torch.autograd.Function):
             with_entropy,
             with_reach,
         )
-        grad_x = g_HB.t() @ w_HD if ctx.needs_input_grad[0] else None
-        grad_w = g_HB @ x_BD if ctx.needs_input_grad[1] else None
-        grad_b = g_HB.sum(1) if ctx.needs_input_grad[2] else None
+        t, h, d = w_THD.shape
+        g = g_THB.reshape(t * h, x_BD.shape[0])  # [T*H, B]
+        grad_x = g.t() @ w_THD.reshape(t * h, d) if ctx.needs_input_grad[0] else None
+        grad_w = (g @ x_BD).view(t, h, d) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(1).view(t, h) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def fused_forward(gate: DSelectKGate, x_BD: torch.Tensor) -> GateOutput:
-    """gate(x) for a per-example gate, through _DSelectKFunction: the GateOutput of the
-    reference forward (weights, aux_loss, stats), the same values and gradients."""
-    w, b, scale = gate.proj.weight, gate.proj.bias, gate.fold_scale
-    lam = gate.current_entropy_reg()
+def _batch_key(gate: Gate):
+    """Gates with equal keys run as one call; None: this gate takes its own forward."""
+    if not (isinstance(gate, DSelectKGate) and gate.per_example and gate.kernel != "reference"):
+        return None
     with_entropy = gate.training and gate.entropy_reg > 0
     with_reach = gate.training and not gate.power_of_two
-    weights, ent, reach, u_KMB = _DSelectKFunction.apply(
+    return (gate.k, gate.num_experts, gate.kernel, with_entropy, with_reach)
+
+
+def forward_gates(gates: Sequence[Gate], x_BD: torch.Tensor) -> list[GateOutput]:
+    """[gate(x_BD) for gate in gates], with the per-example DSelect-k gates of the same shape,
+    kernel and regularisers computed in one fused call (the same values and gradients)."""
+    groups: dict[Any, list[int]] = {}
+    for i, gate in enumerate(gates):
+        groups.setdefault(_batch_key(gate), []).append(i)
+    outs: list[Optional[GateOutput]] = [None] * len(gates)
+    for key, members in groups.items():
+        if key is None:
+            for i in members:
+                outs[i] = gates[i](x_BD)
+            continue
+        for i, out in zip(members, _fused([gates[i] for i in members], x_BD, *key[3:])):
+            outs[i] = out
+    return outs  # type: ignore[return-value]
+
+
+def fused_forward(gate: DSelectKGate, x_BD: torch.Tensor) -> GateOutput:
+    """gate(x) for one per-example gate through _DSelectKFunction (DSelectKGate's hook)."""
+    key = _batch_key(gate)
+    return _fused([gate], x_BD, key[3], key[4])[0]
+
+
+def _fused(
+    gates: list[DSelectKGate], x_BD: torch.Tensor, with_entropy: bool, with_reach: bool
+) -> list[GateOutput]:
+    """The GateOutputs of the reference forward (weights, aux_loss, stats) for gates of one
+    shape, in one _DSelectKFunction call."""
+    g0 = gates[0]
+    # u = Z / gamma + 1/2 folded into each map, as the reference does
+    w = torch.stack([g.proj.weight * g.fold_scale[:, None] for g in gates])
+    b = torch.stack([g.proj.bias * g.fold_scale + g.fold_shift for g in gates])
+    weights_TBN, ent_T, reach_T, u = _DSelectKFunction.apply(
         x_BD,
-        w * scale[:, None],  # u = Z / gamma + 1/2 folded into the map, as the reference does
-        b * scale + gate.fold_shift,
-        gate.k,
-        gate.num_bits,
-        gate.num_experts,
+        w,
+        b,
+        g0.k,
+        g0.num_bits,
+        g0.num_experts,
         with_entropy,
         with_reach,
-        gate.kernel == "compiled",
+        g0.kernel == "compiled",
     )
-    aux = x_BD.new_zeros(())
-    if with_entropy:
-        aux = aux + lam * ent
-    if with_reach:
-        aux = aux + reach
+    u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
+    outs = []
+    for t, gate in enumerate(gates):
+        lam = gate.current_entropy_reg()
+        aux = x_BD.new_zeros(())
+        if with_entropy:
+            aux = aux + lam * ent_T[t]
+        if with_reach:
+            aux = aux + reach_T[t]
+        outs.append(
+            GateOutput(weights=weights_TBN[t], aux_loss=aux, stats_fn=_stats(gate, u_TKMB[t], lam))
+        )
+    return outs
 
+
+def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: torch.Tensor):
     def stats() -> dict[str, torch.Tensor]:
         u = u_KMB.permute(2, 0, 1)  # [B, K, M], as the reference keeps it
         r = selector_outputs(u * u * (3.0 - 2.0 * u), gate.num_experts)
@@ -196,4 +255,4 @@ def fused_forward(gate: DSelectKGate, x_BD: torch.Tensor) -> GateOutput:
             "entropy_reg": lam,
         }
 
-    return GateOutput(weights=weights, aux_loss=aux, stats_fn=stats)
+    return stats

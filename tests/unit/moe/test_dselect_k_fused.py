@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
-from recsys_moe.moe.gates import DSelectKGate
+from recsys_moe.moe.gates import DSelectKGate, SoftmaxGate
+from recsys_moe.moe.gates import dselect_k_fused as fused_module
+from recsys_moe.moe.gates.dselect_k_fused import forward_gates
 
 B, D = 37, 6
 
@@ -68,6 +70,49 @@ def test_fused_equals_the_reference(n, k, train):
     w = fused(torch.randn(B, D)).weights
     if n > 1:  # the states the setup promises: exact zeros, and weights strictly inside (0, 1)
         assert (w == 0).any() and ((w > 0) & (w < 1)).any()
+
+
+def test_a_layers_gates_in_one_call_equal_each_gate_on_its_own(monkeypatch):
+    """forward_gates: the per-example DSelect-k gates of one shape share one fused call (here
+    three of them, with different parameters and gammas), the others run on their own."""
+    pairs = [_pair(6, 2, entropy_reg=0.3, kernel="fused") for _ in range(3)]
+    with torch.no_grad():
+        for i, (ref, fused) in enumerate(pairs):
+            ref.proj.weight.mul_(1.0 + i)
+            fused.load_state_dict(ref.state_dict())
+    static = DSelectKGate(6, D, k=2, per_example=False)
+    softmax = SoftmaxGate(6, D)
+    refs = [pairs[0][0], static, pairs[1][0], softmax, pairs[2][0]]
+    fused = [pairs[0][1], static, pairs[1][1], softmax, pairs[2][1]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g)
+    up = torch.randn(len(refs), B, 6, generator=g)
+
+    def run(gates, batched):
+        xg = x.clone().requires_grad_()
+        outs = forward_gates(gates, xg) if batched else [gate(xg) for gate in gates]
+        w = torch.stack([o.weights for o in outs])
+        aux = torch.stack([o.aux_loss for o in outs])
+        ((w * up).sum() + (aux * torch.arange(1.0, len(gates) + 1)).sum()).backward()
+        grads = [p.grad.clone() for gate in gates for p in gate.parameters()]
+        for gate in gates:
+            gate.zero_grad(set_to_none=True)
+        return w, aux, xg.grad, grads
+
+    for gate in refs + fused:
+        gate.train()
+    want = run(refs, batched=False)
+    calls = []
+    apply = fused_module._DSelectKFunction.apply
+    monkeypatch.setattr(
+        fused_module._DSelectKFunction, "apply", lambda *a: calls.append(a[1].shape) or apply(*a)
+    )
+    got = run(fused, batched=True)
+    assert calls == [(3, 2 * 3 + 2, D)]  # one call for the three per-example gates
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got[3], want[3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_fused_without_entropy_regulariser():
