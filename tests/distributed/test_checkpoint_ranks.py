@@ -1,0 +1,62 @@
+"""Checkpoints on gloo ranks: world 2 with ep 2 resumes exactly, and its checkpoint loads at world 1
+and at world 4 (dp 2 x ep 2) with the same eval metrics: tables and experts both move."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_checkpoint import STEPS, Crash, _config, assert_same_state, losses, run
+from tests.tests_support import run_gloo_ranks
+
+
+def _config_ep(data: str, ep: int):
+    cfg = _config(data)
+    cfg.data.num_shards = 4  # data positions that fit 1, 2 and 4 ranks
+    cfg.parallel.ep_size = ep
+    return cfg
+
+
+def _world2(rank: int, data: str, root: str) -> dict:
+    full = run(_config_ep(data, 2), Path(root) / "full")
+    try:
+        run(_config_ep(data, 2), Path(root) / "resumed", crash_at=13)
+    except Crash:
+        pass
+    resumed = run(_config_ep(data, 2), Path(root) / "resumed")
+    return {"full": full, "resumed": resumed} if rank == 0 else {}
+
+
+def _load(rank: int, data: str, run_dir: str, ep: int) -> dict:
+    return run(_config_ep(data, ep), Path(run_dir))["summary"]
+
+
+def _evals(summary: dict) -> dict:
+    return {
+        k: v
+        for k, v in summary.items()
+        if k.startswith("eval/") and not k.startswith(("eval/moe/", "eval/ep/"))
+    }
+
+
+def test_world2_ep2_resumes_exactly_and_reshards_to_world1_and_world4(tiny_data, tmp_path):
+    out = run_gloo_ranks(_world2, 2, str(tiny_data), str(tmp_path))[0]
+    got, want = losses(tmp_path / "resumed"), losses(tmp_path / "full")
+    assert [s for s, _ in got] == list(range(1, STEPS + 1))
+    assert got == want
+    assert_same_state(out["resumed"]["state"], out["full"]["state"])
+
+    want_evals = _evals(out["full"]["summary"])
+    assert len(want_evals) > 20
+    for world, ep in ((1, 1), (4, 2)):
+        run_dir = tmp_path / f"world{world}"
+        shutil.copytree(tmp_path / "full", run_dir)
+        if world == 1:
+            summary = _load(0, str(tiny_data), str(run_dir), ep)
+        else:
+            summary = run_gloo_ranks(_load, world, str(tiny_data), str(run_dir), ep)[0]
+        assert summary["step"] == STEPS  # resumed at the end: evaluated, nothing trained
+        for key, value in want_evals.items():
+            assert summary[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (world, key)
