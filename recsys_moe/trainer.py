@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +21,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from recsys_moe.checkpoint.manager import Checkpointer
+from recsys_moe.checkpoint.manager import Checkpointer, read_meta
+from recsys_moe.checkpoint.manager import latest as latest_checkpoint
 from recsys_moe.checkpoint.manager import resolve as resolve_checkpoint
 from recsys_moe.checkpoint.state import (
     DataPart,
@@ -35,6 +37,7 @@ from recsys_moe.checkpoint.state import (
     json_tensor,
 )
 from recsys_moe.config.schema import (
+    DataOnReshard,
     DenseOptimConfig,
     LoadMode,
     NonFinite,
@@ -154,6 +157,9 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same on every rank: every rank builds the same model
 
         # 2. data: every file's footer is checked before anything else is built
+        source = self._restore_source()
+        self._adopt_num_shards(*source)
+        cfg = self.cfg
         pin = self.device.type == "cuda"
         world, group = dims.world_size, dims.world_group
         self.train_data = SplitInput(cfg.data, "train", dims.rank, world, group, pin)
@@ -234,7 +240,9 @@ class Trainer:
         experts_layout = ExpertLayout(dims, sorted(expert_names))
         self._positions: deque = deque()  # loader states after batches in flight (pipeline)
         self.data_part = DataPart(
-            self.train_data, self._trained_position, cfg.checkpoint.data_on_reshard.value
+            self.train_data,
+            self._trained_position,
+            DataOnReshard(cfg.checkpoint.data_on_reshard).value,
         )
         self.checkpointer = Checkpointer(
             cfg.checkpoint,
@@ -254,7 +262,7 @@ class Trainer:
             to_yaml(cfg),
             meta={"num_shards": self.train_data.num_shards},
         )
-        self.resumed_from = self._restore()
+        self.resumed_from = self._restore(*source)
 
         # 9. sinks (rank 0 writes): after the restore, which decides the W&B run and the step
         if dims.is_main:
@@ -311,20 +319,34 @@ class Trainer:
             return self._positions[0]
         return self.train_data.state_dict()
 
-    def _restore(self) -> Optional[Path]:
-        """checkpoint.resume=auto: the latest complete checkpoint of this run dir, all of it;
-        else checkpoint.load: another run's checkpoint (weights, or all). Returns its path."""
+    def _restore_source(self) -> tuple[Optional[Path], Optional[list[str]]]:
+        """What to load: checkpoint.resume=auto takes the latest complete checkpoint of this
+        run dir, all of it; else checkpoint.load names another run's (its weights, or all)."""
         ck = self.cfg.checkpoint
-        ckpt = self.checkpointer
-        path = ckpt.latest() if ck.resume == Resume.auto else None
-        parts: Optional[list[str]] = None
-        if path is None and ck.load:
-            path = resolve_checkpoint(ck.load)
-            parts = None if ck.load_mode == LoadMode.all else ["model"]
+        if ck.resume == Resume.auto:
+            latest = latest_checkpoint(self.run_dir / "checkpoints")
+            if latest is not None:
+                return latest, None
+        if ck.load:
+            return resolve_checkpoint(ck.load), None if ck.load_mode == LoadMode.all else ["model"]
+        return None, None
+
+    def _adopt_num_shards(self, path: Optional[Path], parts: Optional[list[str]]) -> None:
+        """data.num_shards left at 0 (one shard per rank) takes a resumed checkpoint's when the
+        ranks can share it out, so the data position resumes exactly on the new world size."""
+        data = self.cfg.data
+        if path is None or parts is not None or data.num_shards != 0:
+            return
+        saved = int(read_meta(path).get("num_shards", 0))
+        if saved and saved % self.dims.world_size == 0 and saved != self.dims.world_size:
+            log.info("data.num_shards: %d, as the checkpoint it resumes (%s)", saved, path)
+            self.cfg.data = replace(data, num_shards=saved)
+
+    def _restore(self, path: Optional[Path], parts: Optional[list[str]]) -> Optional[Path]:
         if path is None:
             return None
         self._phase = f"loading checkpoint {path}"
-        meta = ckpt.load(path, parts)
+        meta = self.checkpointer.load(path, parts)
         if parts == ["model"]:  # weights only: a new run from step 0
             log.info("weights from %s (step %d); training starts at step 0", path, meta["step"])
         else:
@@ -470,7 +492,7 @@ class Trainer:
                     metrics[f"train/{name}/loss"] = means[1 + t]
                 metrics.update(self.train_gates.compute())
                 self.train_gates.reset()
-                metrics.update(self.train_data.metrics(dims.world_group))  # skipped rows
+                metrics.update(self._data_metrics())  # skipped rows
                 if self.cfg.trainer.on_nonfinite == NonFinite.skip:
                     metrics["train/skipped_nonfinite_steps"] = float(self.skipped_steps)
                 self._log(metrics, self.step)
@@ -508,7 +530,7 @@ class Trainer:
             "step": float(self.step),
             **eval_metrics,
             "train/samples_per_sec": samples / max(train_time, 1e-9),
-            **self.train_data.metrics(dims.world_group),
+            **self._data_metrics(),
         }
         for sink in self.sinks:
             sink.summary(summary)
@@ -538,6 +560,13 @@ class Trainer:
         return (latest is not None and latest.name == f"step_{step:08d}") or (
             pending is not None and pending[3] == step
         )
+
+    def _data_metrics(self) -> dict[str, float]:
+        """The loader's counters (a collective), and the rows a resume read again."""
+        out = self.train_data.metrics(self.dims.world_group)
+        if self.data_part.rows_reread:
+            out["data/rows_reread"] = float(self.data_part.rows_reread)
+        return out
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         for sink in self.sinks:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 
 from recsys_moe.checkpoint.state import Part
 from recsys_moe.config.schema import CheckpointConfig
@@ -62,6 +63,15 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(
         f"{path}: neither a checkpoint (no meta.json) nor a folder with a {LATEST} checkpoint"
     )
+
+
+def latest(root: Path) -> Optional[Path]:
+    """The checkpoint `root/latest` names, if complete (None: there is none)."""
+    f = Path(root) / LATEST
+    if not f.is_file():
+        return None
+    path = Path(root) / f.read_text().strip()
+    return path if (path / "meta.json").is_file() else None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -142,11 +152,7 @@ class Checkpointer:
     # -- finding ---------------------------------------------------------------------------------
 
     def latest(self) -> Optional[Path]:
-        f = self.root / LATEST
-        if not f.is_file():
-            return None
-        path = self.root / f.read_text().strip()
-        return path if (path / "meta.json").is_file() else None
+        return latest(self.root)
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -170,7 +176,14 @@ class Checkpointer:
             for k, v in part.state_dict().items()
         }
         if self.cfg.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            # a CPU copy first (BlockingAsyncStager: it copies TorchRec's ShardedTensors, which
+            # DCP's default stager cannot), then the files are written in the background
+            future = dcp.async_save(
+                state,
+                checkpoint_id=str(tmp),
+                process_group=self._group,
+                async_stager=BlockingAsyncStager(),
+            )
             if not isinstance(future, Future):  # an AsyncSaveResponse
                 future = future.upload_completion
             self._pending = (future, tmp, final, step)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from recsys_moe.trainer import Trainer
 from tests.integration.test_checkpoint import STEPS, Crash, _config, assert_same_state, losses, run
 from tests.tests_support import run_gloo_ranks
 
 
-def _config_ep(data: str, ep: int):
+def _config_ep(data: str, ep: int, num_shards: int = 4):
     cfg = _config(data)
-    cfg.data.num_shards = 4  # data positions that fit 1, 2 and 4 ranks
+    cfg.data.num_shards = num_shards  # 4: data positions that fit 1, 2 and 4 ranks
     cfg.parallel.ep_size = ep
     return cfg
 
@@ -29,8 +30,8 @@ def _world2(rank: int, data: str, root: str) -> dict:
     return {"full": full, "resumed": resumed} if rank == 0 else {}
 
 
-def _load(rank: int, data: str, run_dir: str, ep: int) -> dict:
-    return run(_config_ep(data, ep), Path(run_dir))["summary"]
+def _load(rank: int, data: str, run_dir: str, ep: int, num_shards: int = 4) -> dict:
+    return run(_config_ep(data, ep, num_shards), Path(run_dir))["summary"]
 
 
 def _evals(summary: dict) -> dict:
@@ -53,10 +54,32 @@ def test_world2_ep2_resumes_exactly_and_reshards_to_world1_and_world4(tiny_data,
     for world, ep in ((1, 1), (4, 2)):
         run_dir = tmp_path / f"world{world}"
         shutil.copytree(tmp_path / "full", run_dir)
-        if world == 1:
-            summary = _load(0, str(tiny_data), str(run_dir), ep)
+        if world == 1:  # data.num_shards left at 0 (auto) takes the checkpoint's 4
+            summary = _load(0, str(tiny_data), str(run_dir), ep, 0)
         else:
             summary = run_gloo_ranks(_load, world, str(tiny_data), str(run_dir), ep)[0]
         assert summary["step"] == STEPS  # resumed at the end: evaluated, nothing trained
         for key, value in want_evals.items():
             assert summary[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (world, key)
+
+
+def test_a_data_position_that_does_not_fit_stops_or_restarts_the_epoch(tiny_data, tmp_path):
+    """Saved with data.num_shards 4 (mid-epoch, step 10 of 31), resumed with 2 shards."""
+    cfg = _config_ep(str(tiny_data), 1)
+    cfg.trainer.max_steps = 10
+    run(cfg, tmp_path / "saved")
+    for policy in ("error", "restart_epoch"):
+        run_dir = tmp_path / policy
+        shutil.copytree(tmp_path / "saved", run_dir)
+        cfg = _config_ep(str(tiny_data), 1, num_shards=2)
+        cfg.checkpoint.data_on_reshard = policy
+        if policy == "error":
+            with pytest.raises(ValueError, match=r"data.num_shards = 4.*data.num_shards=4"):
+                Trainer(cfg, run_dir)
+            continue
+        trainer = Trainer(cfg, run_dir)
+        try:
+            assert trainer.step == 10 and trainer.train_data.epoch == 0
+            assert trainer.data_part.rows_reread == 10 * 96  # the epoch's first 10 batches
+        finally:
+            trainer.close()

@@ -78,13 +78,14 @@ def assert_same_state(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
 
 
-def test_a_crashed_run_resumes_exactly(tiny_data, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_crashed_run_resumes_exactly(tiny_data, tmp_path, async_save):
     full = run(_config(tiny_data), tmp_path / "full")
-    with pytest.raises(Crash):
-        run(_config(tiny_data), tmp_path / "resumed", crash_at=13)  # last checkpoint: step 10
+    with pytest.raises(Crash):  # the last checkpoint: step 10
+        run(_config(tiny_data, async_save=async_save), tmp_path / "resumed", crash_at=13)
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
     assert losses(tmp_path / "resumed")[-1][0] == 13  # steps 11-13 logged before the crash
-    resumed = run(_config(tiny_data), tmp_path / "resumed")  # the same command again
+    resumed = run(_config(tiny_data, async_save=async_save), tmp_path / "resumed")  # again
     got, want = losses(tmp_path / "resumed"), losses(tmp_path / "full")
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # each step once
     assert got == want  # the same loss at every step, bit for bit
