@@ -239,6 +239,7 @@ class Trainer:
         # 8. checkpoints: resume this run, or start from another run's weights
         experts_layout = ExpertLayout(dims, sorted(expert_names))
         self._positions: deque = deque()  # loader states after batches in flight (pipeline)
+        self._trained: Optional[dict[str, Any]] = None  # that after the last trained one
         self.data_part = DataPart(
             self.train_data,
             self._trained_position,
@@ -314,9 +315,10 @@ class Trainer:
         self.skipped_steps = int(state["skipped_steps"])
 
     def _trained_position(self) -> dict[str, Any]:
-        """The loader state after the last batch trained on (the pipeline reads ahead)."""
-        if self.pipeline is not None and self._positions:
-            return self._positions[0]
+        """The loader state after the last batch trained on: the pipeline reads ahead, so its
+        steps record the states of the batches they pull and drop them as they finish."""
+        if self._trained is not None:
+            return self._trained
         return self.train_data.state_dict()
 
     def _restore_source(self) -> tuple[Optional[Path], Optional[list[str]]]:
@@ -460,7 +462,7 @@ class Trainer:
                 out = self.pipeline.progress(batches)
             self.step += 1
             if self._positions:
-                self._positions.popleft()
+                self._trained = self._positions.popleft()
             samples += global_batch
             window_samples += global_batch
 

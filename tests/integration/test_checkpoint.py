@@ -78,14 +78,42 @@ def assert_same_state(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
 
 
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_a_crashed_run_resumes_exactly(tiny_data, tmp_path, async_save):
+@pytest.mark.parametrize(
+    "async_save, pipeline",
+    [(False, "plain"), (True, "plain"), (False, "sparse_dist")],
+    ids=["sync", "async", "pipelined"],
+)
+def test_a_crashed_run_resumes_exactly(tiny_data, tmp_path, async_save, pipeline):
+    """The pipelined run reads two batches ahead of the step it trains: its checkpoint must
+    hold the loader position of the trained batch, not of the batches in flight."""
+
+    def cfg() -> TrainConfig:
+        c = _config(tiny_data, async_save=async_save)
+        c.trainer.pipeline = pipeline
+        return c
+
     full = run(_config(tiny_data), tmp_path / "full")
-    with pytest.raises(Crash):  # the last checkpoint: step 10
-        run(_config(tiny_data, async_save=async_save), tmp_path / "resumed", crash_at=13)
+    if pipeline != "plain":
+        with pytest.raises(Crash):  # the pipeline calls no train_step: crash in the optimizer
+            trainer = Trainer(cfg(), tmp_path / "resumed")
+            step = trainer.step_optimizer.step
+
+            def crashing() -> None:
+                if trainer.step == 13:
+                    raise Crash
+                step()
+
+            trainer.step_optimizer.step = crashing
+            try:
+                trainer.train()
+            finally:
+                trainer.close()
+    else:
+        with pytest.raises(Crash):  # the last checkpoint: step 10
+            run(cfg(), tmp_path / "resumed", crash_at=13)
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text().strip() == "step_00000010"
     assert losses(tmp_path / "resumed")[-1][0] == 13  # steps 11-13 logged before the crash
-    resumed = run(_config(tiny_data, async_save=async_save), tmp_path / "resumed")  # again
+    resumed = run(cfg(), tmp_path / "resumed")  # the same command again
     got, want = losses(tmp_path / "resumed"), losses(tmp_path / "full")
     assert [s for s, _ in got] == list(range(1, STEPS + 1))  # each step once
     assert got == want  # the same loss at every step, bit for bit
