@@ -144,4 +144,3 @@ class OrderedReader:
     ) -> OrderedBatch:
         batch = whole.slice(start, stop).to_batch(keys)
         return OrderedBatch(batch, None if columns is None else columns.slice(start, stop - start))
-
