@@ -79,7 +79,8 @@ def read_checkpoint(
     """The ranker of the checkpoint at `path` (or of a run directory's latest), all task heads,
     unsharded, in eval mode on CPU. `expert_compute` replaces model.expert_compute of the run
     (None keeps it). Every ranker key must be in the checkpoint with its shape, and no other
-    "model.model." key may be: a CheckpointError names the key otherwise."""
+    "model.model." key may be; every value must be finite: a CheckpointError names the key
+    otherwise."""
     ckpt = resolve_checkpoint(path)
     meta_path = ckpt / "meta.json"
     try:
@@ -103,6 +104,9 @@ def read_checkpoint(
         # "torch.distributed is disabled ... assuming the intent is to load in a single process"
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(dest, checkpoint_id=str(ckpt), no_dist=True)  # in place, into model's tensors
+    for key, t in dest.items():  # an artifact is never exported from a poisoned model
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ckpt}: key '{key}' holds NaN or infinite values")
     model.eval()
     return CheckpointRanker(model, data, model_cfg, meta, ckpt)
 

@@ -79,9 +79,7 @@ def predict_parquet(
     columns = meta.output_columns
     clash = [c for c in carry if c in columns]
     if clash:
-        raise ValueError(
-            f"--keep {clash[0]}: the output already has a prediction column of that name"
-        )
+        raise ValueError(f"keep: column '{clash[0]}' has the name of a prediction column")
 
     fs, files = locate_split(".", data, "data")
     features = dataclasses.replace(cfg, tasks=[])  # label columns need not exist

@@ -3,6 +3,7 @@ model with exactly the same tensors and outputs; damage and mismatches fail nami
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -142,6 +143,16 @@ def test_export_of_a_checkpoint_missing_a_model_key_names_the_key(trained, tmp_p
     with pytest.raises(CheckpointError, match=re.escape(f"key '{key}' of the model is missing")):
         export_checkpoint(ckpt, tmp_path / "artifact")
     assert not (tmp_path / "artifact").exists() and list(tmp_path.iterdir()) == [tmp_path / "run"]
+
+
+def test_export_of_a_model_with_a_nan_names_the_key(trained, tmp_path):
+    cfg, source, _ = trained
+    poisoned = copy.deepcopy(source)
+    with torch.no_grad():
+        poisoned.model.towers[2][0].weight[3, 1] = float("nan")
+    ckpt = save_checkpoint(poisoned, cfg, tmp_path / "run", STEPS)
+    with pytest.raises(CheckpointError, match=r"key 'model.model.towers.2.0.weight' holds NaN"):
+        export_checkpoint(ckpt, tmp_path / "artifact")
 
 
 def test_export_with_a_config_of_another_model_names_the_key_and_shapes(trained, tmp_path):
