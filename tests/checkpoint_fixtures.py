@@ -8,7 +8,6 @@ checkpoint in checkpoints/latest.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -17,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 
+from recsys_moe.checkpoint.manager import write_meta
 from recsys_moe.config.schema import (
     ExpertCompute,
     GateConfig,
@@ -88,7 +88,7 @@ def save_checkpoint(
         warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
         dcp.save(state, checkpoint_id=str(ckpt), no_dist=True)
     OmegaConf.save(OmegaConf.structured(cfg), ckpt / "config.yaml")
-    (ckpt / "meta.json").write_text(json.dumps({"step": step, "wandb_run_id": None}))
+    write_meta(ckpt, step, {})
     (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
     return ckpt
 

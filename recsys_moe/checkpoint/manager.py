@@ -43,7 +43,7 @@ FORMAT = 1
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupted, or does not fit this run."""
 
 
@@ -52,16 +52,26 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory from itself, a checkpoints/ folder or a run dir (their latest)."""
+    """A checkpoint directory (it holds meta.json), or the complete checkpoint that a
+    checkpoints/ folder or a run dir names in its `latest`."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / LATEST).is_file():
-            name = (candidate / LATEST).read_text().strip()
-            return candidate / name
     if (path / "meta.json").is_file():
         return path
+    for folder in (path, path / "checkpoints"):
+        pointer = folder / LATEST
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            target = folder / name
+            if not name or not (target / "meta.json").is_file():
+                raise CheckpointError(
+                    f"{pointer} names '{name}', which is not a complete checkpoint "
+                    f"(no {target / 'meta.json'})"
+                )
+            return target
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
     raise CheckpointError(
-        f"{path}: neither a checkpoint (no meta.json) nor a folder with a {LATEST} checkpoint"
+        f"{path}: neither a checkpoint (no meta.json) nor a run dir with checkpoints/{LATEST}"
     )
 
 
@@ -82,6 +92,20 @@ def read_meta(path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')}, not {FORMAT}")
     return meta
+
+
+def write_meta(path: Path, step: int, extra: Mapping[str, Any], hashes: bool = True) -> None:
+    """meta.json of a checkpoint whose other files are all written: the step, `extra`, and
+    the sha256 of every file (or "" for each when `hashes` is off)."""
+    files = sorted(p.name for p in Path(path).iterdir() if p.is_file() and p.name != "meta.json")
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "time": time.time(),
+        **extra,
+        "files": {name: _sha256(path / name) if hashes else "" for name in files},
+    }
+    (Path(path) / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
 def verify(path: Path, meta: Mapping[str, Any]) -> None:
@@ -212,17 +236,8 @@ class Checkpointer:
         .metadata, which it does only once every rank's files are written."""
         if self.dims.is_main:
             (tmp / "config.yaml").write_text(self.config_yaml)
-            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-            meta = {
-                "format": FORMAT,
-                "step": step,
-                "world_size": self.dims.world_size,
-                "ep_size": self.dims.ep,
-                "time": time.time(),
-                **self.meta,
-                "files": {name: _sha256(tmp / name) if self.cfg.verify else "" for name in files},
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            extra = {"world_size": self.dims.world_size, "ep_size": self.dims.ep, **self.meta}
+            write_meta(tmp, step, extra, hashes=self.cfg.verify)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             pointer = self.root / (LATEST + ".tmp")

@@ -14,7 +14,6 @@ checkpoint's directory name, e.g. step_1200); either can be given.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -24,15 +23,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from recsys_moe.checkpoint.manager import CheckpointError, read_meta, verify
+from recsys_moe.checkpoint.manager import resolve as resolve_checkpoint
 from recsys_moe.config.schema import DataConfig, ExpertCompute, ModelConfig
 from recsys_moe.config.sections import read_model_sections
 from recsys_moe.models.ranker import MultiTaskRanker
 
 MODEL_PREFIX = "model.model."  # DCP key of ranker key k: MODEL_PREFIX + k
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot give a ranker: the message names the directory, file or key."""
 
 
 @dataclasses.dataclass
@@ -50,29 +47,6 @@ class CheckpointRanker:
         return int(self.meta["step"])
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory `path` is, or the one its `checkpoints/latest` names."""
-    path = Path(path)
-    if (path / ".metadata").is_file():
-        return path
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        name = latest.read_text().strip()
-        target = path / "checkpoints" / name
-        if not name or not (target / ".metadata").is_file():
-            raise CheckpointError(
-                f"{latest} names '{name}', which is not a checkpoint directory "
-                f"(no {target / '.metadata'})"
-            )
-        return target
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    raise CheckpointError(
-        f"{path}: neither a checkpoint directory (no .metadata) nor a run directory "
-        "(no checkpoints/latest)"
-    )
-
-
 def read_checkpoint(
     path: str | Path, expert_compute: Optional[ExpertCompute] = ExpertCompute.dense
 ) -> CheckpointRanker:
@@ -82,14 +56,9 @@ def read_checkpoint(
     "model.model." key may be; every value must be finite: a CheckpointError names the key
     otherwise."""
     ckpt = resolve_checkpoint(path)
-    meta_path = ckpt / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        int(meta["step"])
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{meta_path}: missing (every checkpoint has one)") from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{meta_path}: not a JSON object with an integer 'step'") from e
+    meta = read_meta(ckpt)
+    if any(meta["files"].values()):
+        verify(ckpt, meta)  # every file as it was saved, before anything is read
     try:
         data, model_cfg = read_model_sections(ckpt / "config.yaml")
     except (FileNotFoundError, ValueError) as e:

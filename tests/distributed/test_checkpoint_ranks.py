@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from recsys_moe.trainer import Trainer
 from tests.integration.test_checkpoint import STEPS, Crash, _config, assert_same_state, losses, run
@@ -49,6 +50,10 @@ def test_world2_ep2_resumes_exactly_and_reshards_to_world1_and_world4(tiny_data,
     assert got == want
     assert_same_state(out["resumed"]["state"], out["full"]["state"])
 
+    # the world-2 ep-2 checkpoint as a single-device artifact: its predictions of the eval rows
+    # (no label columns read) equal the trained model's outputs
+    _export_and_predict(tiny_data, tmp_path, out["full"]["eval"])
+
     want_evals = _evals(out["full"]["summary"])
     assert len(want_evals) > 20
     for world, ep in ((1, 1), (4, 2)):
@@ -83,3 +88,20 @@ def test_a_data_position_that_does_not_fit_stops_or_restarts_the_epoch(tiny_data
             assert trainer.data_part.rows_reread == 10 * 96  # the epoch's first 10 batches
         finally:
             trainer.close()
+
+
+def _export_and_predict(data: Path, tmp_path: Path, trained: dict[int, list[float]]) -> None:
+    import pyarrow.parquet as pq
+
+    from recsys_moe.inference import export_checkpoint, load_artifact, predict_parquet
+
+    export_checkpoint(tmp_path / "full", tmp_path / "artifact")
+    model, meta = load_artifact(tmp_path / "artifact")
+    predict_parquet(model, meta, str(data / "eval"), tmp_path / "pred.parquet", progress=False)
+    table = pq.read_table(tmp_path / "pred.parquet").to_pydict()
+    assert sorted(table["row_id"]) == sorted(trained) and len(trained) == 1000
+    for t, name in enumerate(meta.task_names):
+        col = table[f"pred_{name}"]
+        raw = torch.tensor([trained[r][t] for r in table["row_id"]])
+        want = torch.sigmoid(raw) if meta.manifest["tasks"][t]["type"] == "binary" else raw
+        torch.testing.assert_close(torch.tensor(col), want, rtol=1e-5, atol=1e-6, msg=name)

@@ -14,6 +14,7 @@ import torch
 
 from recsys_moe.checkpoint.manager import CheckpointError, read_meta
 from recsys_moe.config.schema import ExpertCompute, GateConfig, GateType, TrainConfig
+from recsys_moe.distributed.comm import all_gather_objects
 from recsys_moe.distributed.full_state import full_state_dict
 from recsys_moe.trainer import NonFiniteLossError, Trainer
 from tests.tests_support import data_config
@@ -48,8 +49,23 @@ class Crash(Exception):
     pass
 
 
+def eval_outputs(trainer: Trainer) -> dict[int, list[float]]:
+    """The trained model's raw eval outputs by row id, from every rank."""
+    trainer.model.eval()
+    mine: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for batch, real in trainer.eval_data.batches():
+            _, out = trainer.model(batch)
+            if real:
+                mine.update(zip(batch.row_ids.tolist(), out.raw.tolist()))
+    return {
+        k: v for part in all_gather_objects(mine, trainer.dims.world_group) for k, v in part.items()
+    }
+
+
 def run(cfg: TrainConfig, run_dir: Path, crash_at: int | None = None) -> dict:
-    """Trains to the end (or raises Crash before step crash_at + 1); the full final state."""
+    """Trains to the end (or raises Crash before step crash_at + 1); the full final state and
+    the raw eval outputs by row id."""
     trainer = Trainer(cfg, run_dir)
     if crash_at is not None:
         step = trainer.train_step
@@ -62,7 +78,8 @@ def run(cfg: TrainConfig, run_dir: Path, crash_at: int | None = None) -> dict:
         trainer.train_step = crashing
     try:
         summary = trainer.train()
-        return {"summary": summary, "state": full_state_dict(trainer.model, trainer.dims)}
+        state = full_state_dict(trainer.model, trainer.dims)
+        return {"summary": summary, "state": state, "eval": eval_outputs(trainer)}
     finally:
         trainer.close()
 
@@ -184,7 +201,7 @@ def test_weights_from_another_run_start_a_new_run(tiny_data, tmp_path):
             torch.testing.assert_close(state[k], first["state"][k], rtol=0, atol=0)
     finally:
         trainer.close()
-    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
         Trainer(_config(tiny_data, load=str(tmp_path / "nothing_here")), tmp_path / "third")
 
 

@@ -71,7 +71,7 @@ def test_clis_exit_1_naming_the_problem(run_dir, tiny_data, tmp_path, capsys):
         assert export_cli.main([str(run_dir), str(tmp_path / "a")]) == 1
     finally:
         (run_dir / "checkpoints" / "latest").write_text("step_4\n")
-    assert "names 'step_9', which is not a checkpoint directory" in capsys.readouterr().err
+    assert "names 'step_9', which is not a complete checkpoint" in capsys.readouterr().err
 
     assert export_cli.main([str(run_dir), str(tmp_path / "a")]) == 0
     eval_file = sorted((tiny_data / "eval").glob("*.parquet"))[0]

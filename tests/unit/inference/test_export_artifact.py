@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from recsys_moe.checkpoint.manager import write_meta
 from recsys_moe.config.schema import ExpertCompute, TrainConfig
 from recsys_moe.inference import (
     ArtifactError,
@@ -161,6 +162,7 @@ def test_export_with_a_config_of_another_model_names_the_key_and_shapes(trained,
     config = yaml.safe_load((ckpt / "config.yaml").read_text())
     config["model"]["num_experts"] = 4
     (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    write_meta(ckpt, STEPS, {})  # hashes of the edited file: no corruption, another model
     with pytest.raises(CheckpointError) as e:
         export_checkpoint(ckpt, tmp_path / "artifact")
     assert "key 'model.model.moe.experts.weights.0' has shape [6, 64, 32] in the checkpoint" in str(
