@@ -144,16 +144,15 @@ class DenseOptimizerPart:
 
     def load_targets(self, sizes: Sizes) -> dict[str, Any]:
         _materialise(self.optimizer)
-        out: dict[str, Any] = {}
-        for key, value in self.state_dict().items():
-            if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and key in sizes:
-                out[key] = json_target(sizes, key)  # JSON: sized by what was saved
-            elif isinstance(value, DTensor):
-                out[key] = self.experts.wrap(
-                    key.rsplit(".", 1)[0], torch.empty_like(value.to_local())
-                )
-            else:
-                out[key] = torch.empty_like(value)
+        out: dict[str, Any] = {"groups": json_target(sizes, "groups")}
+        for i, state in self.optimizer.state_dict()["state"].items():
+            name = self.names[i]
+            for k, v in state.items():
+                key = f"{name}.{k}"
+                if not isinstance(v, torch.Tensor):  # saved as JSON: sized by what was saved
+                    out[key] = json_target(sizes, key)
+                else:
+                    out[key] = self.experts.wrap(name, torch.empty_like(v))
         return out
 
     def load_state_dict(self, filled: dict[str, Any]) -> None:
