@@ -11,5 +11,7 @@ if [[ -z "${NPROC:-}" ]]; then
   NPROC=$($PY -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 RUN_DIR=${RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}
+# MAX_RESTARTS: a rank that dies restarts the job from its last checkpoint, that many times.
 exec $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
+  --max_restarts="${MAX_RESTARTS:-0}" \
   -m recsys_moe.train hydra.run.dir="$RUN_DIR" "$@"

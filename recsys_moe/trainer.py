@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,19 +21,44 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from recsys_moe.checkpoint.manager import Checkpointer, read_meta
+from recsys_moe.checkpoint.manager import latest as latest_checkpoint
+from recsys_moe.checkpoint.manager import resolve as resolve_checkpoint
+from recsys_moe.checkpoint.state import (
+    DataPart,
+    DenseOptimizerPart,
+    ExpertLayout,
+    FusedOptimizerPart,
+    LabelMeansPart,
+    ModelPart,
+    RngPart,
+    from_json_tensor,
+    json_target,
+    json_tensor,
+)
 from recsys_moe.config.schema import (
+    DataOnReshard,
     DenseOptimConfig,
     HeatmapWhen,
+    LoadMode,
+    NonFinite,
     Pipeline,
     Precision,
+    Resume,
     TrainConfig,
 )
+from recsys_moe.config.store import to_yaml
 from recsys_moe.data.batch import Batch
 from recsys_moe.data.loader import SplitInput
-from recsys_moe.distributed.comm import all_reduce_, mean_over
+from recsys_moe.distributed.comm import all_gather_objects, all_reduce_, mean_over
 from recsys_moe.distributed.expert_parallel import ExpertGradSync, parallelize_experts
 from recsys_moe.distributed.parallel_dims import ParallelDims
-from recsys_moe.distributed.sharding import dense_parameters, init_tables, shard_model
+from recsys_moe.distributed.sharding import (
+    dense_parameters,
+    init_tables,
+    local_blocks,
+    shard_model,
+)
 from recsys_moe.distributed.threads import set_num_threads
 from recsys_moe.metrics.gates import GateTelemetry, save_heatmap
 from recsys_moe.metrics.sinks import (
@@ -40,6 +67,7 @@ from recsys_moe.metrics.sinks import (
     WandbSink,
     format_gate_table,
     format_task_table,
+    new_run_id,
 )
 from recsys_moe.metrics.tasks import LabelMeans, TaskMetrics
 from recsys_moe.models.ranker import MultiTaskRanker
@@ -151,6 +179,9 @@ class Trainer:
         torch.manual_seed(tc.seed)  # the same on every rank: every rank builds the same model
 
         # 2. data: every file's footer is checked before anything else is built
+        source = self._restore_source()
+        self._adopt_num_shards(*source)
+        cfg = self.cfg
         pin = self.device.type == "cuda"
         world, group = dims.world_size, dims.world_group
         self.train_data = SplitInput(cfg.data, "train", dims.rank, world, group, pin)
@@ -189,7 +220,8 @@ class Trainer:
         self.expert_grad_sync = ExpertGradSync(experts, dims)
 
         # 5. dense optimizer over everything the fused optimizer does not own
-        dense = [p for _, p in dense_parameters(self.model)]
+        named_dense = dense_parameters(self.model.module)  # names as in the unsharded model
+        dense = [p for _, p in named_dense]
         self.optimizer = build_dense_optimizer(dense, cfg.optim.dense)
         warmup = cfg.optim.dense.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -224,10 +256,49 @@ class Trainer:
             track_selection=not cfg.model.gate.per_example,  # static gates: count changes
         )
         self.eval_gates = GateTelemetry(self.task_names, cfg.model.num_experts, self.device)
+        self.skipped_steps = 0  # trainer.on_nonfinite=skip
+        self.wandb_id = all_gather_objects(new_run_id(), group)[0]  # rank 0's, on every rank
+
+        # 8. checkpoints: resume this run, or start from another run's weights
+        experts_layout = ExpertLayout(dims, sorted(expert_names))
+        self._positions: deque = deque()  # loader states after batches in flight (pipeline)
+        self._trained: Optional[dict[str, Any]] = None  # that after the last trained one
+        self.data_part = DataPart(
+            self.train_data,
+            self._trained_position,
+            DataOnReshard(cfg.checkpoint.data_on_reshard).value,
+        )
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint,
+            self.run_dir,
+            dims,
+            {
+                "model": ModelPart(self.model, experts_layout),
+                "optim.dense": DenseOptimizerPart(
+                    self.optimizer, [n for n, _ in named_dense], experts_layout
+                ),
+                "optim.sparse": FusedOptimizerPart(self.model),
+                "trainer": self,
+                "labels": LabelMeansPart(self.label_means, dims),
+                "data": self.data_part,
+                "rng": RngPart(dims),
+            },
+            to_yaml(cfg),
+            meta={"num_shards": self.train_data.num_shards},
+        )
+        self.resumed_from = self._restore(*source)
+
+        # 9. sinks (rank 0 writes): after the restore, which decides the W&B run and the step
         if dims.is_main:
-            self.sinks.append(JsonlSink(self.run_dir))
+            self.sinks.append(
+                JsonlSink(self.run_dir, resume_step=self.step if self.resumed_from else None)
+            )
             if cfg.logger.wandb.enabled:
-                self.sinks.append(WandbSink(cfg.logger.wandb, self.run_dir, config_dict or {}))
+                self.sinks.append(
+                    WandbSink(
+                        cfg.logger.wandb, self.run_dir, config_dict or {}, run_id=self.wandb_id
+                    )
+                )
         log.info(
             "model: %d dense parameters (%d of them experts) on this rank, %d tables; %d tasks; "
             "%d train steps per epoch of %d examples (%d per rank); pipeline %s",
@@ -242,6 +313,70 @@ class Trainer:
             self.train_data.local_batch_size,
             kind.value,
         )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainer's own state (the Checkpointer saves it next to model, optimizers, data):
+        the step, the LR schedule, the W&B run id, steps skipped as non-finite."""
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        return {
+            "step": torch.tensor(self.step, dtype=torch.int64),
+            "state": json_tensor(
+                {"scheduler": sched, "wandb_id": self.wandb_id, "skipped_steps": self.skipped_steps}
+            ),
+        }
+
+    def load_targets(self, sizes) -> dict[str, torch.Tensor]:
+        return {"step": torch.zeros((), dtype=torch.int64), "state": json_target(sizes, "state")}
+
+    def load_state_dict(self, filled: dict[str, torch.Tensor]) -> None:
+        self.step = int(filled["step"])
+        state = from_json_tensor(filled["state"])
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state["scheduler"]})
+        self.wandb_id = state["wandb_id"]
+        self.skipped_steps = int(state["skipped_steps"])
+
+    def _trained_position(self) -> dict[str, Any]:
+        """The loader state after the last batch trained on: the pipeline reads ahead, so its
+        steps record the states of the batches they pull and drop them as they finish."""
+        if self._trained is not None:
+            return self._trained
+        return self.train_data.state_dict()
+
+    def _restore_source(self) -> tuple[Optional[Path], Optional[list[str]]]:
+        """What to load: checkpoint.resume=auto takes the latest complete checkpoint of this
+        run dir, all of it; else checkpoint.load names another run's (its weights, or all)."""
+        ck = self.cfg.checkpoint
+        if ck.resume == Resume.auto:
+            latest = latest_checkpoint(self.run_dir / "checkpoints")
+            if latest is not None:
+                return latest, None
+        if ck.load:
+            return resolve_checkpoint(ck.load), None if ck.load_mode == LoadMode.all else ["model"]
+        return None, None
+
+    def _adopt_num_shards(self, path: Optional[Path], parts: Optional[list[str]]) -> None:
+        """data.num_shards left at 0 (one shard per rank) takes a resumed checkpoint's when the
+        ranks can share it out, so the data position resumes exactly on the new world size."""
+        data = self.cfg.data
+        if path is None or parts is not None or data.num_shards != 0:
+            return
+        saved = int(read_meta(path).get("num_shards", 0))
+        if saved and saved % self.dims.world_size == 0 and saved != self.dims.world_size:
+            log.info("data.num_shards: %d, as the checkpoint it resumes (%s)", saved, path)
+            self.cfg.data = replace(data, num_shards=saved)
+
+    def _restore(self, path: Optional[Path], parts: Optional[list[str]]) -> Optional[Path]:
+        if path is None:
+            return None
+        self._phase = f"loading checkpoint {path}"
+        meta = self.checkpointer.load(path, parts)
+        if parts == ["model"]:  # weights only: a new run from step 0
+            log.info("weights from %s (step %d); training starts at step 0", path, meta["step"])
+        else:
+            log.info("resumed from %s at step %d", path, self.step)
+        return path
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -258,6 +393,8 @@ class Trainer:
         left = self.total_steps - self.step
         while left > 0:
             for batch, _ in self.train_data.batches():
+                if self.pipeline is not None:  # popped once the step on this batch is done
+                    self._positions.append(self.train_data.state_dict())
                 yield batch
                 left -= 1
                 if left == 0:
@@ -276,6 +413,14 @@ class Trainer:
         batch = batch.to(self.device, non_blocking=True)
         self.step_optimizer.zero_grad()
         loss, out = self.forward(batch)
+        if self.cfg.trainer.on_nonfinite == NonFinite.skip and self._all_ranks_nonfinite(loss):
+            # Before backward: the tables' fused optimizer updates them inside backward, so a
+            # poisoned step can only be skipped whole (on every rank: their collectives match).
+            self.skipped_steps += 1
+            out.task_losses = torch.zeros_like(out.task_losses)  # nothing of it is kept
+            out.aux_loss = torch.zeros_like(out.aux_loss)
+            out.loss = torch.zeros_like(out.loss)
+            return out
         self._phase = "backward (DDP gradient all-reduce, embedding and expert all-to-alls)"
         # Gradients sync here: DDP averages the dense ones over all ranks, TorchRec sends each
         # table row's gradient to its owner (where the fused optimizer applies it), and the
@@ -283,6 +428,12 @@ class Trainer:
         loss.backward()
         self.step_optimizer.step()
         return out
+
+    def _all_ranks_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is NaN or infinite on any rank (a host sync and a small all-reduce
+        every step: only with trainer.on_nonfinite=skip)."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.int64).reshape(1)
+        return bool(all_reduce_(bad, self.dims.world_group, dist.ReduceOp.MAX).item())
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -340,6 +491,8 @@ class Trainer:
                 self._phase = "pipelined step (input all-to-all, forward, backward)"
                 out = self.pipeline.progress(batches)
             self.step += 1
+            if self._positions:
+                self._trained = self._positions.popleft()
             samples += global_batch
             window_samples += global_batch
 
@@ -371,7 +524,9 @@ class Trainer:
                     metrics[f"train/{name}/loss"] = means[1 + t]
                 metrics.update(self.train_gates.compute())
                 self.train_gates.reset()
-                metrics.update(self.train_data.metrics(dims.world_group))  # skipped rows
+                metrics.update(self._data_metrics())  # skipped rows
+                if self.cfg.trainer.on_nonfinite == NonFinite.skip:
+                    metrics["train/skipped_nonfinite_steps"] = float(self.skipped_steps)
                 self._log(metrics, self.step)
                 bar.set_postfix(
                     loss=f"{metrics['train/loss']:.4f}",
@@ -387,21 +542,63 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 eval_time += dt
                 window_eval += dt
+            if self.checkpointer.due(self.step) and self.step < self.total_steps:
+                t0 = time.perf_counter()
+                self._save(first_bad)
+                dt = time.perf_counter() - t0  # as eval: not training time
+                eval_time += dt
+                window_eval += dt
+            self.checkpointer.poll()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - start - eval_time
         bar.close()
         self._check_finite(first_bad)
         eval_metrics = self.evaluate()
+        if self.cfg.checkpoint.at_end and not self._saved_at(self.step):
+            self._save(first_bad)
+        self.checkpointer.wait()
         summary = {
             "step": float(self.step),
             **eval_metrics,
             "train/samples_per_sec": samples / max(train_time, 1e-9),
-            **self.train_data.metrics(dims.world_group),
+            **self._data_metrics(),
         }
         for sink in self.sinks:
             sink.summary(summary)
         return summary
+
+    def _save(self, first_bad: torch.Tensor) -> None:
+        """A checkpoint at this step, never of a poisoned state: the losses of every step so far
+        and every parameter are checked first (host syncs: only when saving)."""
+        self._phase = "checkpoint save"
+        self._check_finite(first_bad)
+        for name, t in self.model.state_dict().items():
+            for _, local in local_blocks(t):
+                if torch.is_floating_point(local) and not bool(torch.isfinite(local).all()):
+                    raise NonFiniteLossError(
+                        f"parameter {name} is not finite at step {self.step}: no checkpoint written"
+                    )
+        self.checkpointer.save(self.step)
+        log.info(
+            "checkpoint at step %d: %.2f s of training time",
+            self.step,
+            self.checkpointer.last_save_s,
+        )
+
+    def _saved_at(self, step: int) -> bool:
+        latest = self.checkpointer.latest()
+        pending = self.checkpointer._pending
+        return (latest is not None and latest.name == f"step_{step:08d}") or (
+            pending is not None and pending[3] == step
+        )
+
+    def _data_metrics(self) -> dict[str, float]:
+        """The loader's counters (a collective), and the rows a resume read again."""
+        out = self.train_data.metrics(self.dims.world_group)
+        if self.data_part.rows_reread:
+            out["data/rows_reread"] = float(self.data_part.rows_reread)
+        return out
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         for sink in self.sinks:
@@ -461,6 +658,8 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        if getattr(self, "checkpointer", None) is not None:
+            self.checkpointer.close()
         for sink in self.sinks:
             sink.close()
         self.sinks = []

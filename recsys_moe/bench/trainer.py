@@ -9,7 +9,7 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
 - trainer: `Trainer.train()` from a fresh Trainer (built untimed) for the steps: wall clock with
   data reads and waits, the loop's metrics and logging; its evaluation is timed apart (eval_s)
   and charged to `trainer_with_eval_vs_bare_loop` at the default job's rate (3 evaluations in
-  1,170 steps);
+  1,170 steps); checkpoints are off (bench.checkpoint measures them);
 - bare_loop: the model and optimizers a Trainer built (TorchRec's fused sparse optimizer, the
   dense one), the same batches held in memory: zero_grad, forward, backward, step;
 - dlrm: TorchRec's DLRM over the same tables, same optimizers and loss, its over-arch
@@ -244,6 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "logger=none",
         "trainer.eval_every=0",
         "data.eval_check_max_rows=0",
+        "checkpoint.every_steps=0",  # checkpoints are bench.checkpoint's subject, not this one's
+        "checkpoint.at_end=false",
         f"data.batch_size={args.batch}",
         f"trainer.num_threads={args.threads}",
         f"trainer.device={args.device}",

@@ -1,0 +1,1 @@
+"""Sharded checkpoints (torch.distributed.checkpoint): save, resume, reshard (see manager.py)."""

@@ -238,6 +238,34 @@ class OptimConfig:
     sparse: SparseOptimConfig = field(default_factory=SparseOptimConfig)
 
 
+class Resume(str, Enum):
+    """checkpoint.resume: what a run does when its run dir already holds checkpoints."""
+
+    auto = "auto"  # continue from the latest complete checkpoint of the run dir, if any
+    never = "never"  # start over (existing checkpoints are left alone and later replaced)
+
+
+class LoadMode(str, Enum):
+    """checkpoint.load_mode: what checkpoint.load takes from another run's checkpoint."""
+
+    weights = "weights"  # the model only: a new run (step 0, fresh optimizers and data)
+    all = "all"  # everything: continue that run here (step, optimizers, data, RNG)
+
+
+class DataOnReshard(str, Enum):
+    """checkpoint.data_on_reshard: a resumed run whose data.num_shards differs from the saved."""
+
+    error = "error"  # stop, saying which data.num_shards would resume exactly
+    restart_epoch = "restart_epoch"  # restart the saved epoch; rows read again are counted
+
+
+class NonFinite(str, Enum):
+    """trainer.on_nonfinite: a step whose loss is NaN or infinite."""
+
+    error = "error"  # stop naming the step and the task (checked on logging steps)
+    skip = "skip"  # skip that step's update and count it (checked every step: a host sync)
+
+
 class Pipeline(str, Enum):
     """How a training step gets its batch (trainer.pipeline)."""
 
@@ -273,6 +301,7 @@ class TrainerConfig:
     # A collective that does not complete within this many seconds (a peer rank died or hangs)
     # stops this rank with an error naming the collective, instead of waiting forever.
     collective_timeout_s: float = 600.0
+    on_nonfinite: NonFinite = NonFinite.error
 
 
 @dataclass
@@ -290,6 +319,22 @@ class ParallelConfig:
     # column_wise, table_row_wise, data_parallel); empty: table_wise on CPU (the only one the
     # planner accepts there with a fused optimizer), its free choice on CUDA.
     embedding_sharding_types: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (torch.distributed.checkpoint) in <run dir>/checkpoints/."""
+
+    every_steps: int = 500  # save every this many steps (0: only at the end)
+    at_end: bool = True  # save after the last step
+    keep: int = 2  # complete checkpoints kept (the oldest are deleted; >= 1)
+    resume: Resume = Resume.auto
+    # another run's checkpoint (its directory, or a run dir: its latest) to start from
+    load: Optional[str] = None
+    load_mode: LoadMode = LoadMode.weights
+    async_save: bool = False  # write in a background thread while training goes on
+    verify: bool = True  # sha256 of every file, written at save and checked at load
+    data_on_reshard: DataOnReshard = DataOnReshard.error
 
 
 @dataclass
@@ -328,4 +373,5 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -45,3 +45,13 @@ def to_typed(cfg: DictConfig) -> TrainConfig:
     obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), plain))
     assert isinstance(obj, TrainConfig), type(obj)
     return obj
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """A typed config as the YAML that `to_typed` reads back (saved with every checkpoint)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> TrainConfig:
+    """The typed config of a YAML written by `to_yaml` (or a run's config.yaml)."""
+    return to_typed(OmegaConf.create(text))

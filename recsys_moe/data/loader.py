@@ -596,6 +596,13 @@ class SplitInput:
         for s in self.shards:
             s.load_state_dict(positions[s.index])
 
+    def restart_epoch(self, epoch: int) -> None:
+        """The position at the start of `epoch` (a resumed run whose saved shard positions do
+        not fit this loader's shards: the caller counts the rows it reads again)."""
+        self.epoch, self.batches_done = epoch, 0
+        for s in self.shards:
+            s.window, s.offset = -1, 0
+
 
 def _validate(cfg: DataConfig) -> None:
     checks = (

@@ -12,7 +12,7 @@ Legend: n = rows, F = dense features, T = tasks.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,14 +22,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import IterableDataset
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_moe.config.schema import BadRows, DataConfig, IdPolicy, TaskType
 from recsys_moe.data.batch import Batch
 from recsys_moe.data.files import REASONS, DataError, RowGroup, expected_columns, open_parquet
 
-__all__ = ["BatchBuilder", "Chunk", "ParquetBatchReader", "RowGroup", "UnitDecoder", "hash_ids"]
+__all__ = ["Chunk", "RowGroup", "UnitDecoder", "hash_ids"]
 
 _REASON_INDEX = {r: i for i, r in enumerate(REASONS)}
 
@@ -68,7 +67,8 @@ class Chunk:
     """Decoded rows: the columns of `data` as tensors (one work unit, a window or a batch).
 
     dense [n, F] float32; values[s] int64 ids and lengths[s] [n] int32 of sparse feature s;
-    labels [n, T] float32 (where masked: as stored, 0 if not finite); masks/weights [n, T] or None; row_ids [n] or None.
+    labels [n, T] float32 (where masked: as stored, 0 if not finite; T = 0 for a config without
+    tasks, as prediction reads); masks/weights [n, T] or None; row_ids [n] or None.
     skipped: rows left out per reason (order of REASONS); hashed: ids hashed per sparse feature.
     """
 
@@ -276,11 +276,20 @@ class UnitDecoder:
     # -- reading -------------------------------------------------------------------------------
 
     def read(self, fs: pafs.FileSystem, unit: RowGroup) -> Chunk:
+        return self.read_columns(fs, unit)[0]
+
+    def read_columns(
+        self, fs: pafs.FileSystem, unit: RowGroup, extra: Sequence[str] = ()
+    ) -> tuple[Chunk, Optional[pa.Table]]:
+        """`read`, and the `extra` columns (as stored, any type) of the rows the chunk holds, in
+        its order: the same rows also where bad rows were left out (None when `extra` is empty
+        or the row group was left out)."""
         where = f"{unit.path}: row group {unit.index}"
+        columns = self.columns + [c for c in extra if c not in self.columns]
         try:
             if self._open is None or self._open[0] != unit.path:
                 self._open = (unit.path, open_parquet(fs, unit.path))
-            table = self._open[1].read_row_group(unit.index, columns=self.columns)
+            table = self._open[1].read_row_group(unit.index, columns=columns)
         except Exception as e:  # noqa: BLE001 - corrupt pages raise several pyarrow errors
             self._open = None
             # pyarrow names the failed CRC check in its message (an OSError, as other failures)
@@ -297,8 +306,12 @@ class UnitDecoder:
             self.first_bad.setdefault(reason, msg)
             chunk = self.empty()
             chunk.skipped[_REASON_INDEX[reason]] = unit.num_rows
-            return chunk
-        return self.decode(table, where)
+            return chunk, None
+        chunk, kept = self.decode_rows(table, where)
+        if not extra:
+            return chunk, None
+        rest = table.select(list(extra))
+        return chunk, rest if kept is None else rest.take(pa.array(kept))
 
     def empty(self) -> Chunk:
         return self.padding(0)
@@ -322,6 +335,10 @@ class UnitDecoder:
 
     def decode(self, table: pa.Table, where: str) -> Chunk:
         """The configured columns of `table` as a Chunk; bad rows raise or are left out."""
+        return self.decode_rows(table, where)[0]
+
+    def decode_rows(self, table: pa.Table, where: str) -> tuple[Chunk, Optional[np.ndarray]]:
+        """`decode`, and the indices of the rows of `table` the chunk holds (None: all)."""
         n = table.num_rows
         bad = _BadRows(n, self.skip, where, self.column_keys)
         cfg = self.cfg
@@ -391,12 +408,14 @@ class UnitDecoder:
             skipped=torch.from_numpy(bad.counts),
             hashed=torch.from_numpy(hashed),
         )
-        if bad.any:
-            chunk = chunk.take(torch.from_numpy(np.flatnonzero(~bad.mask)))
-            chunk.skipped = torch.from_numpy(bad.counts)
-            for reason, msg in bad.first.items():
-                self.first_bad.setdefault(reason, msg)
-        return chunk
+        if not bad.any:
+            return chunk, None
+        kept = np.flatnonzero(~bad.mask)
+        chunk = chunk.take(torch.from_numpy(kept))
+        chunk.skipped = torch.from_numpy(bad.counts)
+        for reason, msg in bad.first.items():
+            self.first_bad.setdefault(reason, msg)
+        return chunk, kept
 
     def _ids(self, col: pa.ChunkedArray, f, bad: _BadRows) -> tuple[np.ndarray, np.ndarray, int]:
         """(flat int64 ids, int32 lengths per row, ids hashed) of one sparse column."""
@@ -521,75 +540,3 @@ def _np(col, dtype) -> np.ndarray:
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     a = col.to_numpy(zero_copy_only=False)
     return a.astype(dtype, copy=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Simple in-order reading (no ranks, workers or shuffling): kept for small tools and tests.
-
-
-def list_row_groups(files: Sequence[str]) -> list[RowGroup]:
-    """All non-empty row groups of local files, in file order (reads footers only)."""
-    units: list[RowGroup] = []
-    for path in files:
-        meta = pq.read_metadata(path)
-        units.extend(
-            RowGroup(path, i, meta.row_group(i).num_rows)
-            for i in range(meta.num_row_groups)
-            if meta.row_group(i).num_rows
-        )
-    return units
-
-
-class BatchBuilder:
-    """Converts an Arrow table holding the configured columns into a `Batch` (always strict)."""
-
-    def __init__(self, cfg: DataConfig) -> None:
-        self.decoder = UnitDecoder(cfg)
-        self.decoder.skip = False
-        self.columns = self.decoder.columns
-
-    def __call__(self, table: pa.Table, where: str = "") -> Batch:
-        return self.decoder.decode(table, where.rstrip(": ") or "table").to_batch(self.decoder.keys)
-
-
-class ParquetBatchReader(IterableDataset):
-    """Streams `Batch`es of `batch_size` rows from local row groups, in the order given.
-
-    A batch may span row groups (and files); the last batch is smaller unless `drop_last`.
-    """
-
-    def __init__(
-        self,
-        units: Sequence[RowGroup],
-        builder: BatchBuilder,
-        batch_size: int,
-        drop_last: bool = False,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size ({batch_size}) must be >= 1")
-        self.units = list(units)
-        self.builder = builder
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-
-    def __len__(self) -> int:
-        rows = sum(u.num_rows for u in self.units)
-        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-
-    def __iter__(self) -> Iterator[Batch]:
-        fs = pafs.LocalFileSystem()
-        pending: list[Chunk] = []
-        have = 0
-        keys = self.builder.decoder.keys
-        for unit in self.units:
-            chunk = self.builder.decoder.read(fs, unit)
-            pending.append(chunk)
-            have += chunk.num_rows
-            if have >= self.batch_size:
-                whole = Chunk.cat(pending)
-                full = have // self.batch_size * self.batch_size
-                for a in range(0, full, self.batch_size):
-                    yield whole.slice(a, a + self.batch_size).to_batch(keys)
-                pending, have = [whole.slice(full, have)], have - full
-        if have and not self.drop_last:
-            yield Chunk.cat(pending).slice(0, have).to_batch(keys)

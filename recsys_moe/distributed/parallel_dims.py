@@ -144,7 +144,18 @@ class ParallelDims:
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-                dist.init_process_group(backend, timeout=timeout)
+                # torchrun's store outlives a restart of the workers (--max-restarts): keys of
+                # the dead attempt's gloo group would point the new one at its closed sockets,
+                # so every attempt gets keys of its own
+                store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                dist.init_process_group(
+                    backend,
+                    store=dist.PrefixStore(f"recsys_moe/attempt{attempt}", store),
+                    rank=rank,
+                    world_size=world,
+                    timeout=timeout,
+                )
             else:
                 dist.init_process_group(
                     backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout

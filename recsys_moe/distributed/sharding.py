@@ -134,13 +134,13 @@ def init_tables(model: nn.Module, configs: Sequence[EmbeddingBagConfig], seed: i
                 continue
             cfg = by_name[parts[-2]]
             done.add(cfg.name)
-            for offsets, local in _local_blocks(t):
+            for offsets, local in local_blocks(t):
                 local.copy_(_table_rows(cfg, seed, offsets, local.shape).to(local))
     if done != set(by_name):
         raise RuntimeError(f"tables {sorted(set(by_name) - done)} not found in the state dict")
 
 
-def _local_blocks(t: torch.Tensor) -> list[tuple[tuple[int, int], torch.Tensor]]:
+def local_blocks(t: torch.Tensor) -> list[tuple[tuple[int, int], torch.Tensor]]:
     """(global (row, column) offset, local tensor) of each piece of a table this rank holds."""
     if isinstance(t, ShardedTensor):
         return [(tuple(s.metadata.shard_offsets), s.tensor) for s in t.local_shards()]

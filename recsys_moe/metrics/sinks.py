@@ -38,12 +38,20 @@ class MetricSink:
 
 
 class JsonlSink(MetricSink):
-    """metrics.jsonl: one JSON object per log() call, {"step": N, <flat keys>}; summary.json."""
+    """metrics.jsonl: one JSON object per log() call, {"step": N, <flat keys>}; summary.json.
 
-    def __init__(self, run_dir: Path) -> None:
+    resume_step: a run resumed from a checkpoint at that step keeps the records up to it and
+    drops the later ones (written after the checkpoint by the run that stopped), so the file
+    holds each step once.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: Optional[int] = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            _truncate_after(path, resume_step)
+        self._file = open(path, "a", buffering=1)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -59,6 +67,37 @@ class JsonlSink(MetricSink):
         self._file.close()
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keeps the records of steps <= `step` (and a torn last line is dropped); atomic."""
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill that stopped the run
+            dropped += 1
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    if dropped:
+        log.info(
+            "%s: %d records after step %d dropped (the run resumes there)", path, dropped, step
+        )
+
+
+def new_run_id() -> str:
+    """A W&B run id (8 lowercase letters and digits, as wandb makes them), made before the run
+    so a resumed job continues the same W&B run."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 class WandbSink(MetricSink):
     """Weights & Biases run. Offline unless configured (logger.wandb.mode or $WANDB_MODE).
 
@@ -66,7 +105,13 @@ class WandbSink(MetricSink):
     warning: monitoring never stops training.
     """
 
-    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        run_dir: Path,
+        config: dict[str, Any],
+        run_id: Optional[str] = None,
+    ) -> None:
         import wandb
 
         self._wandb = wandb
@@ -81,6 +126,8 @@ class WandbSink(MetricSink):
             config=config,
             settings=wandb.Settings(init_timeout=30, console="off", silent=True),
         )
+        if run_id is not None:  # a resumed job continues its run (one W&B run per job)
+            kwargs.update(id=run_id, resume="allow")
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as e:  # noqa: BLE001 - wandb raises many types for network/auth problems

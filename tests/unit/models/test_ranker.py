@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from recsys_moe.config.schema import ModelConfig
-from recsys_moe.data.files import resolve_split
-from recsys_moe.data.parquet import BatchBuilder, ParquetBatchReader, list_row_groups
+from recsys_moe.data.files import locate_split, scan_split
+from recsys_moe.data.ordered import OrderedReader
 from recsys_moe.models.ranker import MultiTaskRanker
 from recsys_moe.models.training import RankerTrain
 
 
 @pytest.fixture
 def batch(tiny_data_config):
-    files = resolve_split(tiny_data_config.path, "train", "data.train")
-    return next(
-        iter(ParquetBatchReader(list_row_groups(files), BatchBuilder(tiny_data_config), 64))
-    )
+    fs, files = locate_split(tiny_data_config.path, "train", "data.train")
+    units = scan_split(fs, files, tiny_data_config).units
+    return next(iter(OrderedReader(tiny_data_config, fs, units, 64))).batch
 
 
 def test_forward_backward_shapes_and_gradients(tiny_data_config, batch):
