@@ -117,7 +117,9 @@ def dlrm_over_arch(cfg: TrainConfig, target_macs: int) -> tuple[list[int], int]:
 
 def held_batches(trainer, steps: int) -> list:
     """The first `steps` batches of the trainer's training data, on its device, in memory."""
-    batches = [b.to(trainer.device) for b, _ in itertools.islice(trainer.train_data.batches(), steps)]
+    batches = [
+        b.to(trainer.device) for b, _ in itertools.islice(trainer.train_data.batches(), steps)
+    ]
     if len(batches) < steps:
         raise ValueError(f"the data has {len(batches)} batches per epoch, not {steps}")
     return batches
@@ -359,16 +361,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--eval-rows", type=int, default=25_000, help="as the default data")
     p.add_argument("--row-group", type=int, default=8_192)
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--override", action="append", default=[], help="a Hydra override for every arm"
-    )
+    p.add_argument("--override", action="append", default=[], help="a Hydra override for every arm")
     args = p.parse_args(argv)
     report = run(args)
     rows = [{"arm": k, "median_ms": v} for k, v in report["median_ms"].items()]
     print(table(rows, ["arm", "median_ms"]))
-    print(table([{"ratio": k, "value": v} for k, v in report["ratios"].items()], ["ratio", "value"]))
     print(
-        "goals:", ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in report["goals_met"].items())
+        table([{"ratio": k, "value": v} for k, v in report["ratios"].items()], ["ratio", "value"])
+    )
+    print(
+        "goals:",
+        ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in report["goals_met"].items()),
     )
     write_report(args.out, report)
     return report

@@ -67,7 +67,9 @@ def build_trunk(overrides: list[str], compute: str):
         compute=ExpertCompute(compute),
     )
     towers = nn.ModuleList(
-        nn.Sequential(MLP(m.expert_dim, m.tower), nn.Linear(m.tower[-1] if m.tower else m.expert_dim, 1))
+        nn.Sequential(
+            MLP(m.expert_dim, m.tower), nn.Linear(m.tower[-1] if m.tower else m.expert_dim, 1)
+        )
         for _ in range(tasks)
     )
     return moe, towers, d, trunk_macs(cfg)

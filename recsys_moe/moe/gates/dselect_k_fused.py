@@ -60,7 +60,9 @@ def _codes(s_XMB: torch.Tensor) -> list[torch.Tensor]:
     return prefixes
 
 
-def forward_math(lin_THB: torch.Tensor, k: int, m: int, n: int, with_entropy: bool, with_reach: bool):
+def forward_math(
+    lin_THB: torch.Tensor, k: int, m: int, n: int, with_entropy: bool, with_reach: bool
+):
     """lin [T, H, B] (per gate, rows [0, K*M): u before the clamp; [K*M, H): mixing logits) ->
     (w [T, B, N], entropy [T] and reachability [T] summed over selectors and averaged over the
     batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B])."""

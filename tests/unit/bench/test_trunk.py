@@ -10,7 +10,9 @@ from recsys_moe.bench.trunk import bf16_peak_tflops, main
 
 def test_cpu_run_reports_tflops_without_a_peak(tmp_path):
     out = tmp_path / "trunk.json"
-    report = main(["--device", "cpu", "--batch", "64", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    report = main(
+        ["--device", "cpu", "--batch", "64", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+    )
     assert json.loads(out.read_text())["achieved_tflops"] == report["achieved_tflops"] > 0
     assert report["bf16_peak_tflops"] is None and report["fraction_of_peak"] is None
     # the default trunk: 8 experts 128-256-64, 4 DSelect-k gates (k 2, 3 bits: 8 outputs),
