@@ -34,6 +34,7 @@ import argparse
 import itertools
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -210,10 +211,13 @@ def moe_path(trainer, batch) -> dict[str, float]:
 # -- main --------------------------------------------------------------------------------------
 
 
-def _init_one_process_group() -> None:
-    """One process group for every trainer built here (each reuses it, none destroys it)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+def _init_one_process_group() -> bool:
+    """One process group for every trainer built here (each reuses it, none destroys it).
+    True where this call created it (the caller then destroys it)."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def _allocator_env() -> dict[str, str]:
@@ -230,11 +234,20 @@ def _spread(a: list[float], b: list[float], invert: bool = False) -> list[float]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    created = _init_one_process_group()
+    work = Path(tempfile.mkdtemp(prefix="bench_trainer_"))  # its data and run dirs
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if created:  # leave the process as it was (e.g. a test process)
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from recsys_moe.data.synthetic import SyntheticSpec, write
     from recsys_moe.trainer import Trainer
 
-    _init_one_process_group()
-    work = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     data = work / "data"
     rows = args.steps * args.batch + 2 * args.big_batch
     write(

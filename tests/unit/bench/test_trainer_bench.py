@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch.distributed as dist
+
 from recsys_moe.bench.trainer import GOALS, compose_config, dlrm_over_arch, main, trunk_macs
 
 
@@ -26,6 +28,7 @@ def test_a_tiny_run_reports_every_ratio(tmp_path):
         + ["--eval-rows", "256", "--row-group", "128", "--out", str(out)]
     )
     assert json.loads(out.read_text())["ratios"] == report["ratios"]
+    assert not dist.is_initialized()  # its process group is gone with it
     assert set(GOALS) <= set(report["ratios"]) and all(v > 0 for v in report["ratios"].values())
     paths = report["moe_path"]
     assert paths["bare_loop"]["sparse"] == 0.0  # fresh gates: every expert, the dense path
