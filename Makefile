@@ -36,7 +36,7 @@ $(SYNTHETIC)/_SUCCESS: recsys_moe/data/synthetic.py | $(STAMP)
 data: $(SYNTHETIC)/_SUCCESS
 
 train: $(STAMP) $(SYNTHETIC)/_SUCCESS
-	$(PY) -m recsys_moe.train data.path=$(SYNTHETIC) $(ARGS)
+	source launch/env.sh && $(PY) -m recsys_moe.train data.path=$(SYNTHETIC) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

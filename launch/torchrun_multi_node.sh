@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+source launch/env.sh  # allocator settings (memory cost: see the file)
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of the first node}"
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}"

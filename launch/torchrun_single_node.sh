@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+source launch/env.sh  # allocator settings (memory cost: see the file)
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$($PY -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi

@@ -39,9 +39,11 @@ from recsys_moe.checkpoint.state import (
 from recsys_moe.config.schema import (
     DataOnReshard,
     DenseOptimConfig,
+    HeatmapWhen,
     LoadMode,
     NonFinite,
     Pipeline,
+    Precision,
     Resume,
     TrainConfig,
 )
@@ -57,6 +59,7 @@ from recsys_moe.distributed.sharding import (
     local_blocks,
     shard_model,
 )
+from recsys_moe.distributed.threads import set_num_threads
 from recsys_moe.metrics.gates import GateTelemetry, save_heatmap
 from recsys_moe.metrics.sinks import (
     JsonlSink,
@@ -81,18 +84,35 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out: a peer rank died or stopped responding."""
 
 
+# Devices with fused Adam, AdamW and SGD kernels in torch 2.13 (floating-point parameters).
+FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 def build_dense_optimizer(
     params: list[torch.nn.Parameter], cfg: DenseOptimConfig
 ) -> torch.optim.Optimizer:
+    """optim.dense: one fused kernel per step where torch has one for the optimizer and the
+    parameters' device (optim.dense.fused: null = where available, true = required)."""
     if cfg.lr <= 0:
         raise ValueError(f"optim.dense.lr ({cfg.lr}) must be > 0")
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.dense.name ({cfg.name}) must be adam, adamw or sgd")
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    if cfg.name not in kinds:
+        raise ValueError(f"optim.dense.name ({cfg.name}) must be adam, adamw or sgd")
+    params = list(params)
+    available = all(
+        p.device.type in FUSED_OPTIMIZER_DEVICES and torch.is_floating_point(p) for p in params
+    )
+    if cfg.fused and not available:
+        kinds_found = sorted({f"{p.dtype} on {p.device.type}" for p in params})
+        raise ValueError(
+            f"optim.dense.fused (true): torch has no fused {cfg.name} for parameters of "
+            f"{', '.join(kinds_found)} (devices with one: {', '.join(FUSED_OPTIMIZER_DEVICES)})"
+        )
+    fused = available if cfg.fused is None else cfg.fused
+    # fused=None, not False, leaves torch its own default (foreach where it can)
+    return kinds[cfg.name](
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if fused else None
+    )
 
 
 class _StepOptimizer:
@@ -151,8 +171,10 @@ class Trainer:
 
     def _build(self, config_dict: Optional[dict[str, Any]]) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
+        threads = set_num_threads(tc.num_threads)  # this rank's share of the cores by default
         # 1. parallel layout (degrees checked against the model in __init__) and groups
         self.dims.init(tc.device, tc.collective_timeout_s)
+        log.info("%d CPU threads per rank (trainer.num_threads)", threads)
         dims, self.device = self.dims, self.dims.device
         torch.manual_seed(tc.seed)  # the same on every rank: every rank builds the same model
 
@@ -219,6 +241,7 @@ class Trainer:
                 self.model,
                 self.step_optimizer,
                 self.device,  # type: ignore[arg-type]
+                custom_model_fwd=self.forward,
             )
 
         # 7. metrics and sinks (rank 0 writes)
@@ -377,12 +400,19 @@ class Trainer:
                 if left == 0:
                     return
 
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+        """model(batch) at trainer.precision: bf16 autocasts the trunk and the towers (the gates
+        route in fp32); the embeddings (FBGEMM kernels) and the loss stay fp32."""
+        bf16 = self.cfg.trainer.precision == Precision.bf16
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return self.model(batch)
+
     def train_step(self, batch: Batch) -> StepOutput:
         """One optimizer step on this rank's part of the global batch (the plain loop)."""
         self._phase = "forward (embedding and expert all-to-alls, loss normalisation)"
         batch = batch.to(self.device, non_blocking=True)
         self.step_optimizer.zero_grad()
-        loss, out = self.model(batch)
+        loss, out = self.forward(batch)
         if self.cfg.trainer.on_nonfinite == NonFinite.skip and self._all_ranks_nonfinite(loss):
             # Before backward: the tables' fused optimizer updates them inside backward, so a
             # poisoned step can only be skipped whole (on every rank: their collectives match).
@@ -595,7 +625,7 @@ class Trainer:
         self.eval_gates.reset()
         for batch, real in self.eval_data.batches():
             batch = batch.to(self.device, non_blocking=True)
-            _, out = self.model(batch)
+            _, out = self.forward(batch)
             if real:
                 self.eval_metrics.update(out.raw, batch.labels, batch.masks, batch.weights)
                 self.eval_gates.update(out.gates, out.moe_stats)
@@ -608,7 +638,11 @@ class Trainer:
         for k, v in self.eval_data.metrics(group).items():
             metrics["data/eval/" + k.removeprefix("data/")] = v
         self._log(metrics, self.step)
-        if self.dims.is_main:
+        heatmap = self.cfg.logger.gate_heatmap
+        if self.dims.is_main and (
+            heatmap == HeatmapWhen.every_eval
+            or (heatmap == HeatmapWhen.end and self.step >= self.total_steps)
+        ):  # drawing a PNG costs a training step or two: by default only at the end
             path = save_heatmap(
                 self.eval_gates.mean_weights(),
                 self.task_names,

@@ -17,18 +17,27 @@ import torch
 
 
 def measure(
-    arms: Mapping[str, Callable[[], None]], repeats: int, warmup: int = 3
+    arms: Mapping[str, Callable[[], None]],
+    repeats: int,
+    warmup: int = 3,
+    setup: Optional[Mapping[str, Callable[[], None]]] = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every arm. Arms alternate within each repeat (in rotating order) so
-    that a noisy neighbour slows all of them alike."""
+    that a noisy neighbour slows all of them alike. setup[name], where given, runs untimed
+    right before each call of that arm (e.g. building a fresh trainer)."""
     names = list(arms)
+    setup = setup or {}
     for _ in range(warmup):
         for name in names:
+            if name in setup:
+                setup[name]()
             arms[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            if name in setup:
+                setup[name]()
             t0 = time.perf_counter()
             arms[name]()
             times[name].append(time.perf_counter() - t0)

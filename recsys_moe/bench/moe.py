@@ -3,8 +3,10 @@
     python -m recsys_moe.bench.moe --out bench_moe.json
 
 For each number of experts n (default 8, 16, 64), forward + backward, median over repeats:
-- gate: the per-example DSelect-k gate (k = 2) vs the per-example softmax gate, same input;
-  ratio `dselect_k_gate_vs_softmax_gate` (goal <= 1.5 at n = 16);
+- gate: the per-example DSelect-k gate (k = 2) vs the per-example softmax gate, same input, for
+  each DSelect-k kernel (model.gate.kernel: reference, fused, compiled); ratio
+  `dselect_k_gate_vs_softmax_gate` for --kernel (default fused, the configured default; goal
+  <= 1.5 at n = 16), `dselect_k_<kernel>_gate_vs_softmax_gate` for each;
 - MoE layer with T = 4 converged k-sparse DSelect-k gates (every selector saturated, each example
   routed to its own experts): sparse expert compute vs dense; ratio `sparse_vs_dense_moe` next to
   `ideal_sparse_vs_dense` = (active experts per example, union over tasks) / n
@@ -48,19 +50,26 @@ def _fwd_bwd(module: torch.nn.Module, forward, grad: torch.Tensor):
     return run
 
 
-def bench_gates(n: int, k: int, batch: int, dim: int, repeats: int) -> dict[str, float]:
+def bench_gates(
+    n: int, k: int, batch: int, dim: int, repeats: int, kernels: list[str], kernel: str
+) -> dict[str, float]:
     x = torch.randn(batch, dim, requires_grad=True)
-    gates = {"softmax": SoftmaxGate(n, dim), "dselect_k": DSelectKGate(n, dim, k=k)}
+    gates: dict[str, torch.nn.Module] = {"softmax": SoftmaxGate(n, dim)}
+    for name in kernels:
+        gates[f"dselect_k_{name}"] = DSelectKGate(n, dim, k=k, kernel=name)
     grad = torch.randn(batch, n)
 
     arms = {name: _fwd_bwd(g, lambda g=g: g(x).weights, grad) for name, g in gates.items()}
     times = measure(arms, repeats)
-    soft, dsk = median_ms(times["softmax"]), median_ms(times["dselect_k"])
-    return {
-        "softmax_gate_ms": soft,
-        "dselect_k_gate_ms": dsk,
-        "dselect_k_gate_vs_softmax_gate": dsk / soft,
-    }
+    soft = median_ms(times["softmax"])
+    out = {"softmax_gate_ms": soft}
+    for name in kernels:
+        ms = median_ms(times[f"dselect_k_{name}"])
+        out[f"dselect_k_{name}_gate_ms"] = ms
+        out[f"dselect_k_{name}_gate_vs_softmax_gate"] = ms / soft
+    out["dselect_k_gate_ms"] = out[f"dselect_k_{kernel}_gate_ms"]
+    out["dselect_k_gate_vs_softmax_gate"] = out[f"dselect_k_{kernel}_gate_vs_softmax_gate"]
+    return out
 
 
 def bench_layer(
@@ -104,14 +113,28 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--hidden", type=int, default=256, help="expert hidden width")
     p.add_argument("--out-dim", type=int, default=128, help="expert output width")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["reference", "fused", "compiled"],
+        choices=["reference", "fused", "compiled"],
+        help="DSelect-k kernels measured (model.gate.kernel)",
+    )
+    p.add_argument(
+        "--kernel", default="fused", help="the kernel of the headline ratio (the config default)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.kernel not in args.kernels:
+        p.error(f"--kernel {args.kernel} is not among --kernels {args.kernels}")
     torch.manual_seed(args.seed)
 
     rows, by_n = [], {}
     for n in args.experts:
         r = {"n": n}
-        r.update(bench_gates(n, args.k, args.batch, args.dim, args.repeats))
+        r.update(
+            bench_gates(n, args.k, args.batch, args.dim, args.repeats, args.kernels, args.kernel)
+        )
         r.update(
             bench_layer(
                 n, args.k, args.tasks, args.batch, args.dim, args.hidden, args.out_dim, args.repeats
@@ -124,6 +147,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     headline = by_n.get("16", next(iter(by_n.values())))
     ratios = {
         "dselect_k_gate_vs_softmax_gate": headline["dselect_k_gate_vs_softmax_gate"],
+        **{
+            f"dselect_k_{name}_gate_vs_softmax_gate": headline[
+                f"dselect_k_{name}_gate_vs_softmax_gate"
+            ]
+            for name in args.kernels
+        },
         "sparse_vs_dense_moe": headline["sparse_vs_dense_moe"],
         "ideal_sparse_vs_dense": headline["ideal_sparse_vs_dense"],
     }

@@ -56,6 +56,15 @@ class GateType(str, Enum):
     dselect_k = "dselect_k"  # Hazimeh et al., NeurIPS 2021: differentiable k-sparse selection
 
 
+class GateKernel(str, Enum):
+    """How DSelect-k's per-example gate is computed (model.gate.kernel); the same values and
+    gradients every way (recsys_moe/moe/gates/dselect_k_fused.py)."""
+
+    reference = "reference"  # eager autograd through the paper's formulas (the reference)
+    fused = "fused"  # one autograd Function, batch-last layout, hand-written backward
+    compiled = "compiled"  # fused, its forward and backward compiled by torch.compile
+
+
 class ExpertCompute(str, Enum):
     dense = "dense"  # every expert on every example
     sparse = "sparse"  # each expert only on the examples some task gives it nonzero weight
@@ -175,6 +184,9 @@ class GateConfig:
     entropy_start_step: Optional[int] = None
     entropy_warmup_steps: Optional[int] = None
     noise: Optional[bool] = None  # topk: Shazeer et al.'s trainable noise (training only)
+    # dselect_k: reference | fused | compiled (torch.compile: needs a C++ compiler on CPU,
+    # Triton on CUDA); the same values and gradients, fused and compiled faster
+    kernel: Optional[GateKernel] = None
 
 
 @dataclass
@@ -205,6 +217,9 @@ class DenseOptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up of the dense learning rate
+    # one fused kernel per optimizer step: null = where torch has one for the optimizer and the
+    # device (Adam, AdamW and SGD on CPU and CUDA in torch 2.13), true = required, false = never
+    fused: Optional[bool] = None
 
 
 @dataclass
@@ -261,6 +276,15 @@ class Pipeline(str, Enum):
     auto = "auto"  # sparse_dist on CUDA, plain on CPU (where it has no streams to overlap on)
 
 
+class Precision(str, Enum):
+    """Arithmetic of the trunk and towers (trainer.precision)."""
+
+    fp32 = "fp32"
+    # autocast to bfloat16 for the experts, their mixing, the towers and the bottom MLP; the
+    # embedding tables, the gates and the loss stay fp32, parameters and optimizer states fp32
+    bf16 = "bf16"
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 3
@@ -270,6 +294,10 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     pipeline: Pipeline = Pipeline.auto
+    precision: Precision = Precision.fp32  # fp32 | bf16 (autocast; see Precision)
+    # CPU threads of each rank's kernels: null = the cores this process may use divided by the
+    # ranks on its node (LOCAL_WORLD_SIZE), 0 = torch's default (every core), n = n
+    num_threads: Optional[int] = None
     # A collective that does not complete within this many seconds (a peer rank died or hangs)
     # stops this rank with an error naming the collective, instead of waiting forever.
     collective_timeout_s: float = 600.0
@@ -321,10 +349,20 @@ class WandbConfig:
     mode: Optional[str] = None
 
 
+class HeatmapWhen(str, Enum):
+    """When the task x expert heatmap PNG is drawn (logger.gate_heatmap). The mean weights
+    behind it are logged at every eval either way (eval/gate/<task>/weight/<e>)."""
+
+    end = "end"  # at the final evaluation only
+    every_eval = "every_eval"
+    off = "off"
+
+
 @dataclass
 class LoggerConfig:
     console: bool = True  # per-task table at each eval, and log lines
     progress_bar: bool = True
+    gate_heatmap: HeatmapWhen = HeatmapWhen.end
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

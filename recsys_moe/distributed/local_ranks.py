@@ -27,7 +27,8 @@ def run_ranks(fn: Callable[..., Any], world: int, backend: str, *args: Any) -> l
 
 
 def _rank(rank: int, world: int, backend: str, port: int, fn, args: tuple, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # LOCAL_WORLD_SIZE as torchrun sets it: the trainer's default threads are a rank's share
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     # the ranks share this machine's cores: more threads than cores makes every rank crawl
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if "nccl" in backend:

@@ -67,6 +67,12 @@ class MultiTaskLoss(nn.Module):
         self.reduce_denominators: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def forward(self, out: RankerOutput, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
+        # the loss in fp32 whatever the trunk's precision (trainer.precision)
+        raw = out.raw.float() if out.raw.element_size() < 4 else out.raw  # bf16/fp16 -> fp32
+        with torch.autocast(raw.device.type, enabled=False):
+            return self._forward(out._replace(raw=raw), batch)
+
+    def _forward(self, out: RankerOutput, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
         sums, weights, labels = [], [], []
         for t, kind in enumerate(self.task_types):
             s, w, y = task_loss_terms(

@@ -1,4 +1,4 @@
-"""A bank of MLP experts with identical shapes, stored stacked so they run as batched matmuls.
+"""A bank of MLP experts with identical shapes, stored stacked; kernels in moe/grouped.py.
 
 Legend: N = experts, B = examples, D = input width, H = a hidden width, O = output width.
 Experts compute only: which examples an expert sees is decided by the gates and the dispatcher.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_moe.moe.grouped import grouped_linear
+from recsys_moe.moe.grouped import expert_linear, expert_mlp
 
 
 class ExpertBank(nn.Module):
@@ -65,7 +65,9 @@ class ExpertBank(nn.Module):
         """A bank of experts [first, first + num) of this one, with copies of their parameters
         (expert parallelism keeps only a rank's own experts)."""
         if not (0 <= first and num >= 1 and first + num <= self.num_experts):
-            raise ValueError(f"experts [{first}, {first + num}) are not in a bank of {self.num_experts}")
+            raise ValueError(
+                f"experts [{first}, {first + num}) are not in a bank of {self.num_experts}"
+            )
         hidden = [w.shape[2] for w in self.weights[:-1]]
         with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the RNG
             bank = ExpertBank(num, self.in_dim, hidden, self.out_dim, self.dropout)
@@ -77,19 +79,28 @@ class ExpertBank(nn.Module):
         bank.train(self.training)
         return bank
 
+    def _layer_by_layer(self) -> bool:
+        """Dropout between the layers needs them one at a time; else each expert's whole MLP
+        runs at once (moe/grouped.py: expert_mlp, the same values, fewer passes over memory)."""
+        return self.dropout > 0 and self.training
+
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        h = x_BD
+        if not self._layer_by_layer():
+            return expert_mlp(x_BD, list(self.weights), list(self.biases))
+        h = x_BD  # the first layer reads the shared [B, D] input in place (no copy per expert)
         for w_NIO, b_NO in zip(self.weights, self.biases):
-            # [B, I] or [N, B, I] @ [N, I, O] -> [N, B, O]
-            h = F.relu(torch.matmul(h, w_NIO) + b_NO[:, None, :])
+            h = expert_linear(h, w_NIO, b_NO, relu=True)  # [B, I] or [N, B, I] -> [N, B, O]
             if self.dropout > 0:
                 h = F.dropout(h, self.dropout, self.training)
         return h
 
     def forward_grouped(self, x_PD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        counts = list(counts)
+        if not self._layer_by_layer():
+            return expert_mlp(x_PD, list(self.weights), list(self.biases), counts)
         h = x_PD
         for w_NIO, b_NO in zip(self.weights, self.biases):
-            h = F.relu(grouped_linear(h, w_NIO, b_NO, counts))
+            h = expert_linear(h, w_NIO, b_NO, counts, relu=True)  # [P, I] -> [P, O]
             if self.dropout > 0:
                 h = F.dropout(h, self.dropout, self.training)
         return h

@@ -15,6 +15,10 @@ Compute modes (model.expert_compute):
 Where the experts are is the dispatcher's business (moe/dispatch): all of them on this device
 (LocalDispatcher), or split over an expert-parallel group (AllToAllDispatcher, installed by
 distributed/expert_parallel.py with `use_experts`).
+
+Mixed precision (under torch.autocast, trainer.precision=bf16): the gates route in fp32 (the
+selection is sensitive to rounding, as routers usually are kept), the examples go to the experts
+in the autocast dtype (half the all-to-all bytes), the experts and the dense mixing run in it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from recsys_moe.moe.dispatch.base import Dispatcher
 from recsys_moe.moe.dispatch.local import LocalDispatcher
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.gates.base import Gate, GateOutput
+from recsys_moe.moe.gates.dselect_k_fused import forward_gates
+from recsys_moe.moe.grouped import autocast_dtype
 
 
 @dataclass
@@ -112,12 +118,15 @@ class MultiTaskMoE(nn.Module):
         return frac.item() <= self.sparse_max_active_fraction, nonzero_TBN  # host sync: the path
 
     def forward(self, x_BD: torch.Tensor) -> MoEOutput:
-        outs = [g(x_BD) for g in self.gates]
+        amp = autocast_dtype(x_BD)
+        with torch.autocast(x_BD.device.type, enabled=False):  # gates in full precision
+            x_gate = x_BD.float() if x_BD.element_size() < 4 else x_BD
+            outs = forward_gates(self.gates, x_gate)  # DSelect-k's: one fused call
         w_TBN = torch.stack([o.weights for o in outs])
         stats: dict[str, torch.Tensor] = {}
         sparse, nonzero_TBN = self._sparse_path(w_TBN, stats)
         plan = self.dispatcher.plan(w_TBN.detach(), sparse, nonzero_TBN)
-        x_in = self.dispatcher.dispatch(x_BD, plan)
+        x_in = self.dispatcher.dispatch(x_BD if amp is None else x_BD.to(amp), plan)
         f = self.experts.forward_grouped(x_in, plan.counts) if plan.grouped else self.experts(x_in)
         y_TBO = self.dispatcher.combine(f, w_TBN, plan)
         stats.update(plan.stats)

@@ -1,6 +1,7 @@
 """Training with each gate, on data where the outcome is known: DSelect-k ends k-sparse on every
 example, Top-k keeps exactly k, softmax stays dense; lambda follows the trainer's steps; the
-telemetry keys reach metrics.jsonl and summary.json, and every eval writes a heatmap."""
+telemetry keys reach metrics.jsonl and summary.json; the heatmap PNG is drawn at the end (by
+default) or at every eval."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 
 import pytest
 
-from recsys_moe.config.schema import ExpertCompute, GateType
+from recsys_moe.config.schema import ExpertCompute, GateType, HeatmapWhen
 from tests.tests_support import train_run
 
 
@@ -28,6 +29,8 @@ def test_gates_end_as_sparse_as_they_promise(tiny_train_config, tmp_path, gate):
     cfg.model.expert_compute = ExpertCompute.auto
     # 23 steps per epoch; DSelect-k needs 92 steps to harden, the others show themselves in 23
     cfg.trainer.epochs = 4 if gate == GateType.dselect_k else 1
+    if gate == GateType.dselect_k:
+        cfg.logger.gate_heatmap = HeatmapWhen.every_eval
     cfg.trainer.eval_every = 40 if gate == GateType.dselect_k else 10
     cfg.trainer.log_every = 1
     summary = train_run(cfg, tmp_path)
@@ -57,7 +60,10 @@ def test_gates_end_as_sparse_as_they_promise(tiny_train_config, tmp_path, gate):
         want = [3.0 * min(1.0, max(0.0, (r - 1 - 46) / 9.2)) for r in range(1, 93)]
         assert lam == pytest.approx(want, abs=1e-6)
     heatmaps = sorted((tmp_path / "gates").glob("heatmap_step*.png"))
-    assert len(heatmaps) == 3  # evals at steps 40, 80 and 92 (10, 20 and 23)
+    if gate == GateType.dselect_k:  # every_eval: steps 40, 80 and 92
+        assert [h.name for h in heatmaps] == [f"heatmap_step{s:07d}.png" for s in (40, 80, 92)]
+    else:  # the default, end: evals at steps 10, 20 and 23 draw one, at the last
+        assert [h.name for h in heatmaps] == ["heatmap_step0000023.png"]
     if gate == GateType.softmax:
         assert "eval/moe/sparse_fraction" in summary and summary["eval/moe/sparse_fraction"] == 0.0
 

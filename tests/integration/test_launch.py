@@ -95,3 +95,37 @@ def test_multi_node_script_runs_two_agents(tiny_data, tmp_path):
     assert 0.0 < summary["eval/click/auc"] < 1.0
     logs = sorted(p.name for p in Path(run_dir).glob("train_rank*.log"))
     assert logs == ["train_rank0.log", "train_rank1.log"]
+
+
+def _env_after_sourcing(env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(
+        ["bash", "-c", "source launch/env.sh && env"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+ALLOCATOR_KEYS = ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")
+
+
+def test_allocator_settings_are_the_same_everywhere_and_yours_win():
+    """launch/env.sh sets them (make train and the scripts source it), the Kubernetes job
+    carries the same values, a value of the user's own is kept and an empty one turns it off."""
+    base = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_KEYS}
+    ours = _env_after_sourcing(base)
+    assert ours["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert "glibc.malloc.trim_threshold=" in ours["GLIBC_TUNABLES"]
+    job = yaml.safe_load((LAUNCH / "k8s" / "pytorchjob.yaml").read_text())
+    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e["value"] for e in container["env"]} == {k: ours[k] for k in ALLOCATOR_KEYS}
+    for script in ("torchrun_single_node.sh", "torchrun_multi_node.sh", "slurm.sbatch"):
+        assert "source launch/env.sh" in (LAUNCH / script).read_text(), script
+    assert "source launch/env.sh" in (REPO / "Makefile").read_text()
+    theirs = _env_after_sourcing({**base, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert theirs["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    off = _env_after_sourcing({**base, "THP_MEM_ALLOC_ENABLE": ""})
+    assert off["THP_MEM_ALLOC_ENABLE"] == ""

@@ -62,5 +62,5 @@ def combine_pairs(
     examples = example_ids_P[use_pairs_Q]
     w_Q = weights_TBN[use_tasks_Q, examples, expert_ids_P[use_pairs_Q]]
     rows_QO = f_PO.index_select(0, use_pairs_Q) * w_Q.unsqueeze(-1)
-    y = f_PO.new_zeros(T * B, f_PO.shape[1])
+    y = rows_QO.new_zeros(T * B, f_PO.shape[1])  # bf16 outputs, fp32 weights: mixed in fp32
     return y.index_add(0, use_tasks_Q * B + examples, rows_QO).view(T, B, f_PO.shape[1])

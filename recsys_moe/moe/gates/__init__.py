@@ -40,6 +40,7 @@ GATE_KEYS: dict[GateType, tuple[str, ...]] = {
         "entropy_warmup_fraction",
         "entropy_start_step",
         "entropy_warmup_steps",
+        "kernel",
     ),
 }
 _COMMON = ("type", "per_example")

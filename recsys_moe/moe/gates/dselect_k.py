@@ -99,6 +99,10 @@ class DSelectKGate(Gate):
     given (likewise the warm-up). Until set_train_progress is first called the run's length is
     unknown: a schedule whose start is a positive fraction keeps lambda at 0 then.
 
+    kernel: "reference" computes the per-example gate with the eager formulas below (the
+    reference); "fused" and "compiled" compute the same values and gradients in one autograd
+    Function (moe/gates/dselect_k_fused.py). Static gates always take the reference path.
+
     Example:
         >>> gate = DSelectKGate(num_experts=16, in_dim=32, k=2)
         >>> out = gate(torch.randn(8, 32))
@@ -119,9 +123,11 @@ class DSelectKGate(Gate):
         entropy_warmup_steps: Optional[int] = None,
         entropy_start_fraction: float = 0.0,
         entropy_warmup_fraction: float = 0.0,
+        kernel: str = "fused",
     ) -> None:
         super().__init__(num_experts)
         _check(num_experts, k, gamma, entropy_reg)
+        _check_kernel(kernel)
         _check_schedule("entropy_start", entropy_start_step, entropy_start_fraction)
         _check_schedule("entropy_warmup", entropy_warmup_steps, entropy_warmup_fraction)
         self.k = k
@@ -132,6 +138,7 @@ class DSelectKGate(Gate):
         self.entropy_warmup_steps = entropy_warmup_steps
         self.entropy_start_fraction = entropy_start_fraction
         self.entropy_warmup_fraction = entropy_warmup_fraction
+        self.kernel = str(getattr(kernel, "value", kernel))  # see dselect_k_fused.py
         self.num_bits = num_bits(num_experts)
         self.power_of_two = num_experts == 2**self.num_bits
         if per_example:
@@ -225,6 +232,11 @@ class DSelectKGate(Gate):
         return self.entropy_reg * ramp
 
     def forward(self, x_BD: torch.Tensor) -> GateOutput:
+        if self.per_example and self.kernel != "reference":
+            # the same values and gradients in one autograd Function (moe/gates/dselect_k_fused.py)
+            from recsys_moe.moe.gates.dselect_k_fused import fused_forward
+
+            return fused_forward(self, x_BD)
         u, alpha = self._window_and_alpha(x_BD)
         s = u * u * (3.0 - 2.0 * u)  # smooth_step(Z, gamma)
         r = selector_outputs(s, self.num_experts)  # [B, K, N] or [K, N]
@@ -263,6 +275,11 @@ def _check(num_experts: int, k: int, gamma: float, entropy_reg: float) -> None:
         raise ValueError(f"model.gate.gamma ({gamma}) must be > 0")
     if entropy_reg < 0:
         raise ValueError(f"model.gate.entropy_reg ({entropy_reg}) must be >= 0")
+
+
+def _check_kernel(kernel: str) -> None:
+    if str(getattr(kernel, "value", kernel)) not in ("reference", "fused", "compiled"):
+        raise ValueError(f"model.gate.kernel ({kernel}) must be reference, fused or compiled")
 
 
 def _check_schedule(name: str, steps: Optional[int], fraction: float) -> None:

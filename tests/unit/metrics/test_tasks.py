@@ -48,7 +48,9 @@ def test_label_means_follow_masks_and_weights():
     weights = torch.tensor([[1.0, 1.0], [1.0, 1.0], [2.0, 3.0]])
     raw = torch.zeros(3)
     for _ in range(2):  # two batches: the sums accumulate
-        terms = [task_loss_terms(kind, raw, labels[:, t], masks[:, t], weights[:, t])
-                 for t, kind in enumerate((TaskType.binary, TaskType.regression))]
+        terms = [
+            task_loss_terms(kind, raw, labels[:, t], masks[:, t], weights[:, t])
+            for t, kind in enumerate((TaskType.binary, TaskType.regression))
+        ]
         lm.update(torch.stack([y for _, _, y in terms]), torch.stack([w for _, w, _ in terms]))
     assert lm.means() == pytest.approx([3.0 / 4.0, (10.0 + 12.0) / 4.0])

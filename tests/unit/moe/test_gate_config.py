@@ -23,6 +23,7 @@ SET_VALUES = {
     "entropy_start_step": 3,
     "entropy_warmup_steps": 4,
     "noise": False,  # set, even to its default: still a key the gate would ignore
+    "kernel": "reference",
 }
 OPTIONAL_KEYS = [f.name for f in fields(GateConfig) if f.name not in ("type", "per_example")]
 

@@ -1,0 +1,260 @@
+"""DSelect-k's per-example gates as one autograd Function (model.gate.kernel=fused|compiled).
+
+Legend: T = gates (tasks) computed together, B = examples, D = gate input width,
+H = K*M + K affine outputs per gate, K = selectors, M = bits per code, C = 2^M codes,
+N = experts (the first N codes).
+
+The same values and gradients as the eager reference in dselect_k.py (tests/unit/moe/
+test_dselect_k_fused.py checks them in float64), computed differently:
+- batch last: the affine map writes [H, B] (one addmm of W [H, D] and x^T), and every
+  elementwise pass runs over B contiguous values; the reference's [B, K, M] and [B, K, N]
+  layouts have innermost dims of 2 to 16 that neither eager kernels nor inductor vectorise well;
+- a hand-written backward: autograd's replay of the reference keeps and revisits every
+  intermediate of the Kronecker product (about 20 passes forward, 40 backward); here backward
+  rebuilds the small prefix products r(s_0..s_{j-1}) and walks the code tree back once, and the
+  affine map's gradients are two GEMMs on the [H, B] gradient;
+- the T tasks' gates of a layer run as one call (forward_gates): one GEMM for all their affine
+  maps and every elementwise pass over all their selectors, instead of T calls of small passes
+  (at the default job's batch of 512, per-call overhead is most of a gate's time);
+- `compiled` runs the forward and backward math each as one torch.compile'd kernel (inductor: a
+  C++ loop on CPU, Triton on CUDA); the first call of each shape compiles (seconds), later ones
+  reuse it (batch sizes become dynamic after the first change).
+
+Static gates (per_example=false) compute their weights once per batch on [K, N], not per
+example: they keep the reference path whatever the kernel.
+
+Backward of r (the Kronecker product of the pairs (1 - s_j, s_j), most significant bit first):
+with R_j the prefix product over bits 0..j-1 ([K, 2^j, B]) and G the gradient of R_{j+1},
+    dL/ds_j = sum_a R_j[a] (G[2a + 1] - G[2a]),   dL/dR_j[a] = G[2a] (1 - s_j) + G[2a + 1] s_j,
+and ds/du = 6 u (1 - u), which is 0 where the clamp saturates (u = 0 or 1), exactly as autograd
+gives through clamp and the cubic.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from recsys_moe.moe.gates.base import Gate, GateOutput
+from recsys_moe.moe.gates.dselect_k import (
+    ENTROPY_EPS,
+    REACH_EPS,
+    DSelectKGate,
+    entropy,
+    selector_outputs,
+)
+
+
+def _codes(s_XMB: torch.Tensor) -> list[torch.Tensor]:
+    """Prefix products R_0 .. R_M: R_j [X, 2^j, B] over bits 0..j-1; R_M is r over all C codes."""
+    x, m, b = s_XMB.shape
+    prefixes = [s_XMB.new_ones(x, 1, b)]
+    for j in range(m):
+        s_j = s_XMB[:, j : j + 1]
+        r = prefixes[-1]
+        prefixes.append(torch.stack([r * (1.0 - s_j), r * s_j], dim=2).view(x, -1, b))
+    return prefixes
+
+
+def forward_math(
+    lin_THB: torch.Tensor, k: int, m: int, n: int, with_entropy: bool, with_reach: bool
+):
+    """lin [T, H, B] (per gate, rows [0, K*M): u before the clamp; [K*M, H): mixing logits) ->
+    (w [T, B, N], entropy [T] and reachability [T] summed over selectors and averaged over the
+    batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B])."""
+    t, _, b = lin_THB.shape
+    km = k * m
+    u = lin_THB[:, :km].clamp(0.0, 1.0).reshape(t * k, m, b)
+    s = u * u * (3.0 - 2.0 * u)  # smooth_step
+    r = _codes(s)[-1][:, :n].reshape(t, k, n, b)
+    mix = torch.softmax(lin_THB[:, km:], dim=1)  # over each gate's K selectors
+    w_TBN = (mix.unsqueeze(2) * r).sum(1).transpose(1, 2).contiguous()
+    zeros = lin_THB.new_zeros(t)
+    ent = -(r * torch.log(r + ENTROPY_EPS)).sum((1, 2, 3)) / b if with_entropy else zeros
+    reach = (1.0 / (r.sum(2) + REACH_EPS)).sum((1, 2)) / b if with_reach else zeros
+    return w_TBN, ent, reach, u, s, mix
+
+
+def backward_math(
+    grad_w_TBN: torch.Tensor,
+    grad_ent_T: torch.Tensor,
+    grad_reach_T: torch.Tensor,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    mix: torch.Tensor,
+    n: int,
+    with_entropy: bool,
+    with_reach: bool,
+) -> torch.Tensor:
+    """The gradient of the affine outputs, [T, H, B], from those of forward_math's outputs."""
+    tk, m, b = u.shape
+    t, k = mix.shape[:2]
+    prefixes = _codes(s)
+    r = prefixes[-1][:, :n].reshape(t, k, n, b)
+    g_TNB = grad_w_TBN.transpose(1, 2).contiguous()  # batch last, as everything else here
+    g_mix = (g_TNB.unsqueeze(1) * r).sum(2)  # [T, K, B]
+    g_alpha = mix * (g_mix - (mix * g_mix).sum(1, keepdim=True))  # softmax backward
+    G = mix.unsqueeze(2) * g_TNB.unsqueeze(1)  # dL/dr [T, K, N, B]
+    if with_entropy:  # d(-r log(r + eps))/dr
+        scale = (grad_ent_T / b).view(t, 1, 1, 1)
+        G = G - scale * (torch.log(r + ENTROPY_EPS) + r / (r + ENTROPY_EPS))
+    if with_reach:
+        scale = (grad_reach_T / b).view(t, 1, 1, 1)
+        G = G - scale / (r.sum(2, keepdim=True) + REACH_EPS) ** 2
+    G = G.reshape(tk, n, b)
+    codes = prefixes[-1].shape[1]
+    if n < codes:  # unreachable codes: no gradient
+        G = torch.cat([G, G.new_zeros(tk, codes - n, b)], dim=1)
+    g_s = [u.new_zeros(tk, b)] * m
+    for j in range(m - 1, -1, -1):
+        pairs = G.view(tk, -1, 2, b)  # [T*K, 2^j, 2, B]
+        g_s[j] = ((pairs[:, :, 1] - pairs[:, :, 0]) * prefixes[j]).sum(1)
+        s_j = s[:, j : j + 1]
+        G = pairs[:, :, 0] * (1.0 - s_j) + pairs[:, :, 1] * s_j
+    g_u = (torch.stack(g_s, dim=1) if m else u) * (6.0 * u * (1.0 - u))  # [T*K, M, B]
+    return torch.cat([g_u.reshape(t, k * m, b), g_alpha], dim=1)
+
+
+@functools.cache
+def _compiled():
+    """forward_math and backward_math compiled once per process (kernel=compiled)."""
+    return (
+        torch.compile(forward_math, fullgraph=True),
+        torch.compile(backward_math, fullgraph=True),
+    )
+
+
+def _run(compiled: bool, which: int, *args):
+    if not compiled:
+        return (forward_math, backward_math)[which](*args)
+    try:
+        return _compiled()[which](*args)
+    except Exception as e:  # a missing or broken compiler surfaces at the first call
+        raise RuntimeError(
+            "model.gate.kernel (compiled): torch.compile failed on this machine "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "model.gate.kernel=fused computes the same without a compiler"
+        ) from e
+
+
+class _DSelectKFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, compiled):
+        t, h, d = w_THD.shape
+        lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
+        w_TBN, ent, reach, u, s, mix = _run(
+            compiled, 0, lin.view(t, h, x_BD.shape[0]), k, m, n, with_entropy, with_reach
+        )
+        ctx.save_for_backward(x_BD, w_THD, u, s, mix)
+        ctx.options = (n, with_entropy, with_reach, compiled)
+        ctx.mark_non_differentiable(u)
+        return w_TBN, ent, reach, u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_w_TBN, grad_ent, grad_reach, _grad_u):
+        x_BD, w_THD, u, s, mix = ctx.saved_tensors
+        n, with_entropy, with_reach, compiled = ctx.options
+        g_THB = _run(
+            compiled,
+            1,
+            grad_w_TBN.contiguous(),
+            grad_ent,
+            grad_reach,
+            u,
+            s,
+            mix,
+            n,
+            with_entropy,
+            with_reach,
+        )
+        t, h, d = w_THD.shape
+        g = g_THB.reshape(t * h, x_BD.shape[0])  # [T*H, B]
+        grad_x = g.t() @ w_THD.reshape(t * h, d) if ctx.needs_input_grad[0] else None
+        grad_w = (g @ x_BD).view(t, h, d) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(1).view(t, h) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _batch_key(gate: Gate):
+    """Gates with equal keys run as one call; None: this gate takes its own forward."""
+    if not (isinstance(gate, DSelectKGate) and gate.per_example and gate.kernel != "reference"):
+        return None
+    with_entropy = gate.training and gate.entropy_reg > 0
+    with_reach = gate.training and not gate.power_of_two
+    return (gate.k, gate.num_experts, gate.kernel, with_entropy, with_reach)
+
+
+def forward_gates(gates: Sequence[Gate], x_BD: torch.Tensor) -> list[GateOutput]:
+    """[gate(x_BD) for gate in gates], with the per-example DSelect-k gates of the same shape,
+    kernel and regularisers computed in one fused call (the same values and gradients)."""
+    groups: dict[Any, list[int]] = {}
+    for i, gate in enumerate(gates):
+        groups.setdefault(_batch_key(gate), []).append(i)
+    outs: list[Optional[GateOutput]] = [None] * len(gates)
+    for key, members in groups.items():
+        if key is None:
+            for i in members:
+                outs[i] = gates[i](x_BD)
+            continue
+        for i, out in zip(members, _fused([gates[i] for i in members], x_BD, *key[3:])):
+            outs[i] = out
+    return outs  # type: ignore[return-value]
+
+
+def fused_forward(gate: DSelectKGate, x_BD: torch.Tensor) -> GateOutput:
+    """gate(x) for one per-example gate through _DSelectKFunction (DSelectKGate's hook)."""
+    key = _batch_key(gate)
+    return _fused([gate], x_BD, key[3], key[4])[0]
+
+
+def _fused(
+    gates: list[DSelectKGate], x_BD: torch.Tensor, with_entropy: bool, with_reach: bool
+) -> list[GateOutput]:
+    """The GateOutputs of the reference forward (weights, aux_loss, stats) for gates of one
+    shape, in one _DSelectKFunction call."""
+    g0 = gates[0]
+    # u = Z / gamma + 1/2 folded into each map, as the reference does
+    w = torch.stack([g.proj.weight * g.fold_scale[:, None] for g in gates])
+    b = torch.stack([g.proj.bias * g.fold_scale + g.fold_shift for g in gates])
+    weights_TBN, ent_T, reach_T, u = _DSelectKFunction.apply(
+        x_BD,
+        w,
+        b,
+        g0.k,
+        g0.num_bits,
+        g0.num_experts,
+        with_entropy,
+        with_reach,
+        g0.kernel == "compiled",
+    )
+    u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
+    outs = []
+    for t, gate in enumerate(gates):
+        lam = gate.current_entropy_reg()
+        aux = x_BD.new_zeros(())
+        if with_entropy:
+            aux = aux + lam * ent_T[t]
+        if with_reach:
+            aux = aux + reach_T[t]
+        outs.append(
+            GateOutput(weights=weights_TBN[t], aux_loss=aux, stats_fn=_stats(gate, u_TKMB[t], lam))
+        )
+    return outs
+
+
+def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: torch.Tensor):
+    def stats() -> dict[str, torch.Tensor]:
+        u = u_KMB.permute(2, 0, 1)  # [B, K, M], as the reference keeps it
+        r = selector_outputs(u * u * (3.0 - 2.0 * u), gate.num_experts)
+        return {
+            "saturated_fraction": ((u == 0.0) | (u == 1.0)).all(-1).float().mean(),
+            "selector_entropy": entropy(r).mean(),
+            "entropy_reg": lam,
+        }
+
+    return stats

@@ -1,0 +1,35 @@
+"""bench.trainer: the DLRM it compares against does the trunk's work per example, and a tiny run
+reports every ratio its goals name, from arms that took the paths they claim."""
+
+from __future__ import annotations
+
+import json
+
+import torch.distributed as dist
+
+from recsys_moe.bench.trainer import GOALS, compose_config, dlrm_over_arch, main, trunk_macs
+
+
+def test_the_dlrm_over_arch_matches_the_trunks_multiply_adds():
+    cfg = compose_config(["data.path=unused"])
+    # the default trunk: 8 experts 128-256-64 on every example, 4 DSelect-k gates (k 2, 3 bits:
+    # 8 affine outputs each), 4 towers 64-64 and their heads
+    want = 8 * (128 * 256 + 256 * 64) + 4 * 128 * 8 + 4 * (64 * 64 + 64)
+    assert trunk_macs(cfg) == want
+    widths, macs = dlrm_over_arch(cfg, want)
+    assert widths[-1] == len(cfg.data.tasks) and widths[0] % 8 == 0
+    assert abs(macs - want) / want < 0.01
+
+
+def test_a_tiny_run_reports_every_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    report = main(
+        ["--steps", "2", "--rounds", "1", "--batch", "64", "--big-batch", "128", "--threads", "1"]
+        + ["--eval-rows", "256", "--row-group", "128", "--out", str(out)]
+    )
+    assert json.loads(out.read_text())["ratios"] == report["ratios"]
+    assert not dist.is_initialized()  # its process group is gone with it
+    assert set(GOALS) <= set(report["ratios"]) and all(v > 0 for v in report["ratios"].values())
+    paths = report["moe_path"]
+    assert paths["bare_loop"]["sparse"] == 0.0  # fresh gates: every expert, the dense path
+    assert paths["dselect_k_n16"]["sparse"] == 1.0 and paths["softmax_n16"]["sparse"] == 0.0

@@ -1,0 +1,162 @@
+"""model.gate.kernel=fused and compiled equal the eager reference (float64): weights, the
+regularisers, the stats, and the gradients of the input and of every parameter."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from recsys_moe.moe.gates import DSelectKGate, SoftmaxGate
+from recsys_moe.moe.gates import dselect_k_fused as fused_module
+from recsys_moe.moe.gates.dselect_k_fused import forward_gates
+
+B, D = 37, 6
+
+
+def _pair(n: int, k: int, entropy_reg: float, kernel: str):
+    """A reference gate and a `kernel` gate with the same parameters. Every selector bit is
+    saturated (on either side, on reachable and, n not a power of two, unreachable codes) but the
+    last selector's last bit, which is inside the window for some examples and not for others."""
+    torch.manual_seed(n * 10 + k)
+    ref = DSelectKGate(n, D, k=k, gamma=0.7, entropy_reg=entropy_reg, kernel="reference")
+    with torch.no_grad():
+        km = ref.k * ref.num_bits
+        ref.proj.weight[:km] = 1e3 * torch.randn(km, D)
+        if km:
+            ref.proj.weight[km - 1] = 0.1 * torch.randn(D)
+        ref.proj.weight[km:] = torch.randn(ref.k, D)
+    other = DSelectKGate(n, D, k=k, gamma=0.7, entropy_reg=entropy_reg, kernel=kernel)
+    other.load_state_dict(ref.state_dict())
+    for g in (ref, other):
+        g.set_train_progress(5, 10)  # lambda on: entropy_reg from step 0
+    return ref, other
+
+
+def _run(gate: DSelectKGate, x: torch.Tensor, up: torch.Tensor):
+    x = x.clone().requires_grad_()
+    out = gate(x)
+    ((out.weights * up).sum() + 3.0 * out.aux_loss).backward()
+    grads = {name: p.grad.clone() for name, p in gate.named_parameters()}
+    gate.zero_grad(set_to_none=True)
+    return out, x.grad, grads
+
+
+def _assert_equal(ref: DSelectKGate, other: DSelectKGate, train: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g)
+    up = torch.randn(B, ref.num_experts, generator=g)
+    ref.train(train)
+    other.train(train)
+    want, want_x, want_p = _run(ref, x, up)
+    got, got_x, got_p = _run(other, x, up)
+    close = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.weights, want.weights, **close)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, **close)
+    torch.testing.assert_close(got_x, want_x, **close)
+    for name in want_p:
+        torch.testing.assert_close(got_p[name], want_p[name], msg=name, **close)
+    assert got.stats.keys() == want.stats.keys()
+    for key in want.stats:
+        torch.testing.assert_close(got.stats[key], want.stats[key], msg=key, **close)
+
+
+@pytest.mark.parametrize("n, k", [(16, 2), (8, 4), (6, 2), (5, 3), (2, 1), (1, 1)])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_equals_the_reference(n, k, train):
+    ref, fused = _pair(n, k, entropy_reg=0.3, kernel="fused")
+    _assert_equal(ref, fused, train)
+    w = fused(torch.randn(B, D)).weights
+    if n > 1:  # the states the setup promises: exact zeros, and weights strictly inside (0, 1)
+        assert (w == 0).any() and ((w > 0) & (w < 1)).any()
+
+
+def test_a_layers_gates_in_one_call_equal_each_gate_on_its_own(monkeypatch):
+    """forward_gates: the per-example DSelect-k gates of one shape share one fused call (here
+    three of them, with different parameters and gammas), the others run on their own."""
+    pairs = [_pair(6, 2, entropy_reg=0.3, kernel="fused") for _ in range(3)]
+    with torch.no_grad():
+        for i, (ref, fused) in enumerate(pairs):
+            ref.proj.weight.mul_(1.0 + i)
+            fused.load_state_dict(ref.state_dict())
+    static = DSelectKGate(6, D, k=2, per_example=False)
+    softmax = SoftmaxGate(6, D)
+    refs = [pairs[0][0], static, pairs[1][0], softmax, pairs[2][0]]
+    fused = [pairs[0][1], static, pairs[1][1], softmax, pairs[2][1]]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, D, generator=g)
+    up = torch.randn(len(refs), B, 6, generator=g)
+
+    def run(gates, batched):
+        xg = x.clone().requires_grad_()
+        outs = forward_gates(gates, xg) if batched else [gate(xg) for gate in gates]
+        w = torch.stack([o.weights for o in outs])
+        aux = torch.stack([o.aux_loss for o in outs])
+        ((w * up).sum() + (aux * torch.arange(1.0, len(gates) + 1)).sum()).backward()
+        grads = [p.grad.clone() for gate in gates for p in gate.parameters()]
+        for gate in gates:
+            gate.zero_grad(set_to_none=True)
+        return w, aux, xg.grad, grads
+
+    for gate in refs + fused:
+        gate.train()
+    want = run(refs, batched=False)
+    calls = []
+    apply = fused_module._DSelectKFunction.apply
+    monkeypatch.setattr(
+        fused_module._DSelectKFunction, "apply", lambda *a: calls.append(a[1].shape) or apply(*a)
+    )
+    got = run(fused, batched=True)
+    assert calls == [(3, 2 * 3 + 2, D)]  # one call for the three per-example gates
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got[3], want[3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_without_entropy_regulariser():
+    ref, fused = _pair(8, 2, entropy_reg=0.0, kernel="fused")
+    _assert_equal(ref, fused, train=True)
+
+
+def test_fused_gradcheck():
+    """Against finite differences, inside the smooth-step window (where the gate is smooth),
+    with both regularisers on (n = 6: the reachability penalty too)."""
+    torch.manual_seed(0)
+    fused = DSelectKGate(6, D, k=2, gamma=0.7, entropy_reg=0.3, kernel="fused")
+    fused.set_train_progress(5, 10)
+    with torch.no_grad():
+        fused.proj.weight.mul_(20.0)
+    x = torch.randn(5, D, requires_grad=True)
+    w = fused.proj.weight.detach().clone().requires_grad_()
+    b = fused.proj.bias.detach().clone().requires_grad_()
+
+    def f(x, w, b):
+        out = torch.func.functional_call(fused, {"proj.weight": w, "proj.bias": b}, (x,))
+        return out.weights, out.aux_loss
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler: torch.compile's CPU backend needs one",
+)
+def test_compiled_equals_the_reference():
+    ref, compiled = _pair(6, 2, entropy_reg=0.3, kernel="compiled")
+    _assert_equal(ref, compiled, train=True)
+
+
+def test_static_gates_keep_the_reference_path():
+    torch.manual_seed(0)
+    ref = DSelectKGate(8, D, k=2, per_example=False, kernel="reference")
+    fused = DSelectKGate(8, D, k=2, per_example=False, kernel="fused")
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(B, D)
+    assert torch.equal(fused(x).weights, ref(x).weights)
+
+
+def test_unknown_kernel_names_the_key():
+    with pytest.raises(ValueError, match=r"model\.gate\.kernel \(triton\) must be"):
+        DSelectKGate(8, D, kernel="triton")
