@@ -23,7 +23,6 @@ data config serves every task count. Deterministic for a seed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -32,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from recsys_moe.data.synthetic import parse_spec
 
 
 @dataclass
@@ -159,18 +160,7 @@ def write(spec: PaperSyntheticSpec, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = PaperSyntheticSpec()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder (replaced)")
-    for key, value in asdict(defaults).items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    spec = PaperSyntheticSpec(**args)
-    try:
-        spec.validate()
-    except ValueError as e:
-        parser.error(str(e))
+    spec, out = parse_spec(PaperSyntheticSpec, argv, __doc__.split("\n\n")[0])
     write(spec, out)
     print(
         f"wrote {spec.num_tasks} tasks in {spec.num_clusters} clusters: {spec.train_rows} train, "

@@ -273,19 +273,25 @@ def write(spec: SyntheticSpec, out: Path) -> None:
     (out / "_SUCCESS").touch()  # written last: a partial folder is never mistaken for data
 
 
-def main(argv: list[str] | None = None) -> None:
-    defaults = SyntheticSpec()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_spec(spec_type, argv: list[str] | None, description: str):
+    """(spec, out) from the command line: --out and one --flag per field of the dataclass
+    spec_type (its defaults); a spec that does not validate exits with usage naming the flag."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, type=Path, help="output folder (replaced)")
-    for key, value in asdict(defaults).items():
+    for key, value in asdict(spec_type()).items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    spec = SyntheticSpec(**args)
+    spec = spec_type(**args)
     try:
         spec.validate()
     except ValueError as e:
         parser.error(str(e))
+    return spec, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    spec, out = parse_spec(SyntheticSpec, argv, __doc__.split("\n\n")[0])
     write(spec, out)
     print(
         f"wrote {spec.train_rows} train rows ({spec.train_files} files) and {spec.eval_rows} eval rows ({spec.eval_files} files) to {out}"
