@@ -4,19 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recsys_moe.config.schema import DataConfig, TrainConfig
+from recsys_moe.config.schema import DataConfig, GateConfig, GateType, ModelConfig, TrainConfig
 from recsys_moe.data.loader import SplitInput
 from recsys_moe.distributed.local_ranks import free_port, run_gloo_ranks
 from tests.conftest import synthetic_data_config
 
 __all__ = [
     "data_config",
+    "dselect_k_from_start",
     "free_port",
     "global_batches",
     "ranks_of",
     "run_gloo_ranks",
+    "small_model",
     "train_run",
 ]
+
+
+def dselect_k_from_start() -> GateConfig:
+    """DSelect-k with its entropy regulariser on from step 0, ramped over 10 steps: every term
+    of its loss is exercised within a short test run."""
+    return GateConfig(
+        type=GateType.dselect_k,
+        k=2,
+        gamma=1.0,
+        entropy_reg=0.3,
+        entropy_start_step=0,
+        entropy_warmup_steps=10,
+    )
+
+
+def small_model(m: ModelConfig) -> None:
+    """A model of a few thousand parameters (4 experts) for multi-rank and checkpoint tests."""
+    m.embedding_dim, m.bottom_mlp, m.num_experts = 8, [16], 4
+    m.expert_hidden, m.expert_dim, m.tower = [16], 8, [8]
 
 
 def data_config(path: Path, **overrides) -> DataConfig:

@@ -103,7 +103,7 @@ def write_meta(path: Path, step: int, extra: Mapping[str, Any], hashes: bool = T
         "step": step,
         "time": time.time(),
         **extra,
-        "files": {name: _sha256(path / name) if hashes else "" for name in files},
+        "files": {name: sha256_file(path / name) if hashes else "" for name in files},
     }
     (Path(path) / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
@@ -114,11 +114,12 @@ def verify(path: Path, meta: Mapping[str, Any]) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{f}: missing from the checkpoint")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: sha256 differs from meta.json's: the file is corrupted")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The file's sha256, hex (read in 4 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

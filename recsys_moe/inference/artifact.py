@@ -20,7 +20,6 @@ stacks, and memory-maps large tables.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from recsys_moe.checkpoint.manager import sha256_file
 from recsys_moe.config.schema import DataConfig, ExpertCompute, ModelConfig, TaskType
 from recsys_moe.config.sections import read_model_sections, write_model_sections
 from recsys_moe.inference.checkpoint import read_checkpoint
@@ -84,14 +84,6 @@ class ArtifactMeta:
 
 def prediction_column(task: str) -> str:
     return PREDICTION_PREFIX + task
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -161,7 +153,7 @@ def write_artifact(
         write_model_sections(tmp / CONFIG, data, model_config)
         manifest = _manifest(model, data, step, source)
         manifest["files"] = {
-            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
             for name in (WEIGHTS, CONFIG)
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -215,7 +207,7 @@ def verify_artifact(path: str | Path) -> dict[str, Any]:
             raise ArtifactError(
                 f"{f}: {size} bytes, {want['bytes']} in {MANIFEST} (truncated or replaced)"
             )
-        digest = _sha256(f)
+        digest = sha256_file(f)
         if digest != want["sha256"]:
             raise ArtifactError(
                 f"{f}: sha256 {digest} does not match {want['sha256']} in {MANIFEST} (corrupt)"

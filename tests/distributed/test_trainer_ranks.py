@@ -21,29 +21,20 @@ import torch
 from recsys_moe.config.schema import ExpertCompute, GateConfig, GateType, TrainConfig
 from recsys_moe.distributed.full_state import full_state_dict
 from recsys_moe.trainer import Trainer
-from tests.tests_support import data_config, run_gloo_ranks
+from tests.tests_support import data_config, dselect_k_from_start, run_gloo_ranks, small_model
 
 STEPS = 25
 GATES = {
     "softmax": GateConfig(type=GateType.softmax),
     "topk": GateConfig(type=GateType.topk, k=2),
-    # the entropy regulariser on from the start, ramped over the run: every term of the loss
-    "dselect_k": GateConfig(
-        type=GateType.dselect_k,
-        k=2,
-        gamma=1.0,
-        entropy_reg=0.3,
-        entropy_start_step=0,
-        entropy_warmup_steps=10,
-    ),
+    "dselect_k": dselect_k_from_start(),
 }
 
 
 def _config(data: str, gate: str, ep: int, pipeline: str = "plain") -> TrainConfig:
     cfg = TrainConfig(data=data_config(data, batch_size=96, eval_batch_size=500, num_shards=4))
     m = cfg.model
-    m.embedding_dim, m.bottom_mlp, m.num_experts = 8, [16], 4
-    m.expert_hidden, m.expert_dim, m.tower = [16], 8, [8]
+    small_model(m)
     m.gate = GATES[gate]
     m.expert_compute = ExpertCompute.dense if gate == "softmax" else ExpertCompute.sparse
     cfg.parallel.ep_size = ep

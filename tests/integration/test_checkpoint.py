@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from recsys_moe.checkpoint.manager import CheckpointError, read_meta
-from recsys_moe.config.schema import ExpertCompute, GateConfig, GateType, TrainConfig
+from recsys_moe.config.schema import ExpertCompute, TrainConfig
 from recsys_moe.distributed.comm import all_gather_objects
 from recsys_moe.distributed.full_state import full_state_dict
 from recsys_moe.trainer import NonFiniteLossError, Trainer
-from tests.tests_support import data_config
+from tests.tests_support import data_config, dselect_k_from_start, small_model
 
 STEPS = 20
 
@@ -25,16 +25,8 @@ STEPS = 20
 def _config(data, **checkpoint) -> TrainConfig:
     cfg = TrainConfig(data=data_config(data, batch_size=96, eval_batch_size=500))
     m = cfg.model
-    m.embedding_dim, m.bottom_mlp, m.num_experts = 8, [16], 4
-    m.expert_hidden, m.expert_dim, m.tower = [16], 8, [8]
-    m.gate = GateConfig(
-        type=GateType.dselect_k,
-        k=2,
-        gamma=1.0,
-        entropy_reg=0.3,
-        entropy_start_step=0,
-        entropy_warmup_steps=10,
-    )
+    small_model(m)
+    m.gate = dselect_k_from_start()
     m.expert_compute = ExpertCompute.sparse
     t = cfg.trainer
     t.max_steps, t.log_every, t.eval_every, t.device = STEPS, 1, 0, "cpu"
