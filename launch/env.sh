@@ -1,4 +1,5 @@
 # Allocator settings for training processes; sourced by `make train` and the launch scripts
+# (the trainer applies the glibc ones itself too: trainer.allocator, recsys_moe/allocator.py)
 # (the values are read when a process starts, so they must be in its environment).
 #
 # A step allocates and frees its activations (tens of MiB at batch 8192); by default glibc hands

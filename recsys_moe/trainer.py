@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from recsys_moe.allocator import keep_freed_memory
 from recsys_moe.checkpoint.manager import Checkpointer, read_meta
 from recsys_moe.checkpoint.manager import latest as latest_checkpoint
 from recsys_moe.checkpoint.manager import resolve as resolve_checkpoint
@@ -37,6 +38,7 @@ from recsys_moe.checkpoint.state import (
     json_tensor,
 )
 from recsys_moe.config.schema import (
+    Allocator,
     DataOnReshard,
     DenseOptimConfig,
     HeatmapWhen,
@@ -172,6 +174,8 @@ class Trainer:
     def _build(self, config_dict: Optional[dict[str, Any]]) -> None:
         cfg, tc = self.cfg, self.cfg.trainer
         threads = set_num_threads(tc.num_threads)  # this rank's share of the cores by default
+        if tc.allocator == Allocator.tuned:
+            keep_freed_memory()
         # 1. parallel layout (degrees checked against the model in __init__) and groups
         self.dims.init(tc.device, tc.collective_timeout_s)
         log.info("%d CPU threads per rank (trainer.num_threads)", threads)

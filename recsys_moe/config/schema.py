@@ -276,6 +276,13 @@ class Pipeline(str, Enum):
     auto = "auto"  # sparse_dist on CUDA, plain on CPU (where it has no streams to overlap on)
 
 
+class Allocator(str, Enum):
+    """The C allocator of the training process (trainer.allocator)."""
+
+    tuned = "tuned"  # freed memory stays in the process: no page faults every step
+    default = "default"  # the C library's defaults
+
+
 class Precision(str, Enum):
     """Arithmetic of the trunk and towers (trainer.precision)."""
 
@@ -298,6 +305,7 @@ class TrainerConfig:
     # CPU threads of each rank's kernels: null = the cores this process may use divided by the
     # ranks on its node (LOCAL_WORLD_SIZE), 0 = torch's default (every core), n = n
     num_threads: Optional[int] = None
+    allocator: Allocator = Allocator.tuned  # tuned | default (recsys_moe/allocator.py)
     # A collective that does not complete within this many seconds (a peer rank died or hangs)
     # stops this rank with an error naming the collective, instead of waiting forever.
     collective_timeout_s: float = 600.0
