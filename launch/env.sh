@@ -8,13 +8,14 @@
 # up 7-20%). The cost: memory freed after a peak stays with the process (up to the trim
 # threshold) instead of going back to the OS.
 #   glibc.malloc.mmap_threshold=32 MiB (glibc's maximum): smaller blocks come from the heap;
-#   glibc.malloc.trim_threshold=16 GiB: freed heap memory is not returned to the OS;
+#   glibc.malloc.trim_threshold=1 GiB: freed heap memory below that is not returned to the OS;
 #   glibc.malloc.top_pad=256 MiB: the heap grows in big steps.
 #
-# A value you set yourself wins; set it to the empty string to turn the setting off, e.g.
-#   GLIBC_TUNABLES= launch/torchrun_single_node.sh
+# A value you set yourself wins; set it to the empty string for glibc's defaults, e.g.
+#   GLIBC_TUNABLES= launch/torchrun_single_node.sh trainer.allocator=default
+# (the trainer leaves the allocator alone whenever GLIBC_TUNABLES is set, even empty).
 # Not set here: THP_MEM_ALLOC_ENABLE=1 (torch's blocks of 2 MiB and more in transparent huge
 # pages). It cut page faults a further 1.7x and sped a dense batch-8192 loop up 8-19%, but made the
 # sparse MoE layer 1.35x-1.6x slower where the kernel compacts memory to find huge pages
 # (/sys/kernel/mm/transparent_hugepage/defrag = madvise); try it on your hosts.
-export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184:glibc.malloc.top_pad=268435456}
+export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824:glibc.malloc.top_pad=268435456}

@@ -11,7 +11,11 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
   and charged to `trainer_with_eval_vs_bare_loop` at the default job's rate (3 evaluations in
   1,170 steps); checkpoints are off (bench.checkpoint measures them);
 - bare_loop: the model and optimizers a Trainer built (TorchRec's fused sparse optimizer, the
-  dense one), the same batches held in memory: zero_grad, forward, backward, step;
+  dense one), the same batches held in memory: zero_grad, forward, backward, step, in training
+  mode at trainer.precision (every arm is; the DLRM under the same autocast). The bare loops
+  keep DSelect-k's entropy weight at 0 (its terms are computed all the same); the trainer's
+  schedule raises it from half its steps on: `moe_path.trainer_at_end` says which expert path
+  that took the trainer to by its last step;
 - dlrm: TorchRec's DLRM over the same tables, same optimizers and loss, its over-arch
   [W, W, W/2, T] sized so that its multiply-adds per example match the MoE trunk's (every expert
   on every example, the gates, towers and heads): `trunk_macs` and `dlrm_over_arch_macs`;
@@ -48,6 +52,7 @@ from torch import nn
 
 from recsys_moe.bench.common import environment, measure, median_ms, table, write_report
 from recsys_moe.config.schema import GateType, TrainConfig
+from recsys_moe.distributed.parallel_dims import backend_for
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # The default job: conf/train.yaml on the default synthetic data (200,000 rows, batch 512,
@@ -128,21 +133,30 @@ def held_batches(trainer, steps: int) -> list:
 
 class BareLoop:
     """A model and its dense optimizer over batches held in memory: zero_grad, forward,
-    backward, step (TorchRec's fused optimizer updates the tables inside backward)."""
+    backward, step (TorchRec's fused optimizer updates the tables inside backward), in training
+    mode, through `forward` (default: the model's own; a trainer's applies trainer.precision)."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batches: list):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: list,
+        forward: Optional[Callable] = None,
+    ):
         self.model, self.optimizer, self.batches = model, optimizer, batches
-        self.model.train()
+        self.forward = forward or model
 
     @classmethod
     def of(cls, trainer, steps: int) -> BareLoop:
-        """The model and dense optimizer `trainer` built, over its first `steps` batches."""
-        return cls(trainer.model, trainer.optimizer, held_batches(trainer, steps))
+        """The model and dense optimizer `trainer` built, over its first `steps` batches, at the
+        trainer's precision."""
+        return cls(trainer.model, trainer.optimizer, held_batches(trainer, steps), trainer.forward)
 
     def __call__(self) -> None:
+        self.model.train()  # an evaluation in between leaves it in eval mode
         for batch in self.batches:
             self.optimizer.zero_grad(set_to_none=True)
-            loss, _ = self.model(batch)
+            loss, _ = self.forward(batch)
             loss.backward()
             self.optimizer.step()
 
@@ -192,6 +206,19 @@ def build_dlrm(trainer, over_arch: list[int]) -> tuple[nn.Module, torch.optim.Op
     return model, build_dense_optimizer(dense, cfg.optim.dense)
 
 
+def autocast_like(trainer, model: nn.Module) -> Callable:
+    """model(batch) under the autocast trainer.precision gives the trainer's own model."""
+    from recsys_moe.config.schema import Precision
+
+    bf16 = trainer.cfg.trainer.precision == Precision.bf16
+
+    def forward(batch):
+        with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(batch)
+
+    return forward
+
+
 def saturate_dselect_k(trainer) -> None:
     """Every selector of every per-example DSelect-k gate outside the smooth-step window (as
     after training): the selector rows of the affine maps scaled by 1e4."""
@@ -202,21 +229,24 @@ def saturate_dselect_k(trainer) -> None:
 
 
 def moe_path(trainer, batch) -> dict[str, float]:
-    """The expert path one forward of `batch` takes: active fraction, sparse (1.0) or dense."""
+    """The expert path one training-mode forward of `batch` takes: active fraction, sparse (1.0)
+    or dense."""
+    trainer.model.train()
     with torch.no_grad():
-        _, out = trainer.model(batch)
+        _, out = trainer.forward(batch)
     return {k: float(v) for k, v in out.moe_stats.items() if k in ("active_fraction", "sparse")}
 
 
 # -- main --------------------------------------------------------------------------------------
 
 
-def _init_one_process_group() -> bool:
+def _init_one_process_group(device: str) -> bool:
     """One process group for every trainer built here (each reuses it, none destroys it).
     True where this call created it (the caller then destroys it)."""
     if dist.is_initialized():
         return False
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = backend_for(torch.device(device))  # as the trainer's own group would be
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 
@@ -234,7 +264,7 @@ def _spread(a: list[float], b: list[float], invert: bool = False) -> list[float]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    created = _init_one_process_group()
+    created = _init_one_process_group(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench_trainer_"))  # its data and run dirs
     try:
         return _run(args, work)
@@ -284,7 +314,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     bare = BareLoop.of(trainers["bare"], args.steps)
     arms: dict[str, Callable[[], None]] = {
         "bare_loop": bare,
-        "dlrm": BareLoop(dlrm, dlrm_opt, bare.batches),
+        "dlrm": BareLoop(dlrm, dlrm_opt, bare.batches, autocast_like(trainers["bare"], dlrm)),
         "batch_8192": BareLoop.of(trainers["big"], big_steps),
         "dselect_k_n16": BareLoop.of(trainers["dsk16"], args.steps),
         "softmax_n16": BareLoop.of(trainers["soft16"], args.steps),
@@ -312,6 +342,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     eval_s = time.perf_counter() - t0
 
     times = measure(arms, args.rounds, warmup=1, setup={"trainer": fresh_trainer})
+    # where the trainer arm's schedule took its gates by its last step (the bare loops keep
+    # lambda at 0: the same terms computed, no push to saturate)
+    paths["trainer_at_end"] = moe_path(current["trainer"], bare.batches[-1])
     current.pop("trainer").close()
     med = {name: median_ms(t) for name, t in times.items()}
 

@@ -51,6 +51,7 @@ def test_tuned_allocator_stops_the_page_faults_of_every_step():
     assert tuned * 2 < default, (tuned, default)  # measured: 4.6k against 29k
 
 
-def test_the_users_glibc_tunables_win(monkeypatch):
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+@pytest.mark.parametrize("tunables", ["glibc.malloc.arena_max=2", ""])
+def test_the_environment_decides_where_glibc_tunables_are_set(monkeypatch, tunables):
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)  # the user's own, or empty: glibc's defaults
     assert keep_freed_memory() == {}

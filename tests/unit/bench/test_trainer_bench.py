@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 import torch.distributed as dist
 
 from recsys_moe.bench.trainer import GOALS, compose_config, dlrm_over_arch, main, trunk_macs
@@ -21,6 +22,33 @@ def test_the_dlrm_over_arch_matches_the_trunks_multiply_adds():
     assert abs(macs - want) / want < 0.01
 
 
+def test_the_bare_loop_trains_in_training_mode_at_the_trainers_precision():
+    """An evaluation in between leaves the model in eval mode; a bf16 trainer's bare loop
+    runs under its autocast."""
+    from recsys_moe.bench.trainer import BareLoop
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2, 2))
+
+        def forward(self, batch):
+            y = batch @ self.w
+            seen.append((self.training, y.dtype))
+            return y.float().sum(), None
+
+    model = Probe().eval()
+
+    def forward(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(batch)
+
+    BareLoop(model, torch.optim.SGD(model.parameters(), lr=0.1), [torch.ones(3, 2)], forward)()
+    assert seen == [(True, torch.bfloat16)]
+
+
 def test_a_tiny_run_reports_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     report = main(
@@ -33,3 +61,4 @@ def test_a_tiny_run_reports_every_ratio(tmp_path):
     paths = report["moe_path"]
     assert paths["bare_loop"]["sparse"] == 0.0  # fresh gates: every expert, the dense path
     assert paths["dselect_k_n16"]["sparse"] == 1.0 and paths["softmax_n16"]["sparse"] == 0.0
+    assert "trainer_at_end" in paths
