@@ -10,12 +10,15 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
   data reads and waits, the loop's metrics and logging; its evaluation is timed apart (eval_s)
   and charged to `trainer_with_eval_vs_bare_loop` at the default job's rate (3 evaluations in
   1,170 steps); checkpoints are off (bench.checkpoint measures them);
-- bare_loop: the model and optimizers a Trainer built (TorchRec's fused sparse optimizer, the
-  dense one), the same batches held in memory: zero_grad, forward, backward, step, in training
-  mode at trainer.precision (every arm is; the DLRM under the same autocast). The bare loops
-  keep DSelect-k's entropy weight at 0 (its terms are computed all the same); the trainer's
-  schedule raises it from half its steps on: `moe_path.trainer_at_end` says which expert path
-  that took the trainer to by its last step;
+- bare_loop_scheduled: the trainer's counterpart: a fresh Trainer's model and optimizers (built
+  untimed each round), the same batches held in memory: set_train_progress (the gates'
+  schedule, as the trainer), zero_grad, forward, backward, step; like the trainer it ends on
+  the sparse expert path once the entropy weight has saturated the gates
+  (`moe_path.*_at_end`);
+- bare_loop: the same loop on one model across rounds with the entropy weight kept at 0 (its
+  terms are computed all the same): the dense expert path, every expert on every example, as
+  the FLOP-matched DLRM assumes. Every arm trains in training mode at trainer.precision (the
+  DLRM under the same autocast);
 - dlrm: TorchRec's DLRM over the same tables, same optimizers and loss, its over-arch
   [W, W, W/2, T] sized so that its multiply-adds per example match the MoE trunk's (every expert
   on every example, the gates, towers and heads): `trunk_macs` and `dlrm_over_arch_macs`;
@@ -23,7 +26,8 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
 - dselect_k_n16, softmax_n16: the bare loop with 16 experts, DSelect-k gates saturated (every
   selector outside the smooth-step window: the sparse expert path) vs the softmax gate (dense).
 
-Ratios (goals of issue 12): trainer_vs_bare_loop = bare time / trainer time (>= 0.95),
+Ratios (goals of issue 12): trainer_vs_bare_loop = bare_loop_scheduled time / trainer time
+(>= 0.95),
 moe_trunk_vs_flop_matched_dlrm = model step / DLRM step (<= 1.15),
 batch_8192_vs_512_samples_per_sec (>= 1.0), dselect_k_step_vs_softmax_step (<= 1.0). Each is the
 ratio of the arms' medians; `spread` gives the quartiles of the per-round ratios.
@@ -142,9 +146,11 @@ class BareLoop:
         optimizer: torch.optim.Optimizer,
         batches: list,
         forward: Optional[Callable] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
     ):
         self.model, self.optimizer, self.batches = model, optimizer, batches
         self.forward = forward or model
+        self.progress = progress  # set_train_progress(step, total) before each step, as Trainer
 
     @classmethod
     def of(cls, trainer, steps: int) -> BareLoop:
@@ -154,7 +160,9 @@ class BareLoop:
 
     def __call__(self) -> None:
         self.model.train()  # an evaluation in between leaves it in eval mode
-        for batch in self.batches:
+        for step, batch in enumerate(self.batches):
+            if self.progress is not None:
+                self.progress(step, len(self.batches))
             self.optimizer.zero_grad(set_to_none=True)
             loss, _ = self.forward(batch)
             loss.backward()
@@ -337,15 +345,29 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     arms["trainer"] = lambda: current["trainer"].train()
 
+    def fresh_bare_loop() -> None:
+        if "bare" in current:
+            current.pop("bare").close()
+        t = Trainer(cfg, work / f"bare_{next(rounds)}")
+        current["bare"] = t
+        current["bare_loop"] = BareLoop(
+            t.model, t.optimizer, bare.batches, t.forward, t.ranker.set_train_progress
+        )
+
+    # the trainer's counterpart: a fresh model each round, the same gate schedule
+    arms["bare_loop_scheduled"] = lambda: current["bare_loop"]()
+
     t0 = time.perf_counter()
     trainers["bare"].evaluate()
     eval_s = time.perf_counter() - t0
 
-    times = measure(arms, args.rounds, warmup=1, setup={"trainer": fresh_trainer})
-    # where the trainer arm's schedule took its gates by its last step (the bare loops keep
-    # lambda at 0: the same terms computed, no push to saturate)
+    setup = {"trainer": fresh_trainer, "bare_loop_scheduled": fresh_bare_loop}
+    times = measure(arms, args.rounds, warmup=1, setup=setup)
+    # where the gate schedule took the trainer and its bare counterpart by their last step
     paths["trainer_at_end"] = moe_path(current["trainer"], bare.batches[-1])
+    paths["bare_loop_scheduled_at_end"] = moe_path(current["bare"], bare.batches[-1])
     current.pop("trainer").close()
+    current.pop("bare").close()
     med = {name: median_ms(t) for name, t in times.items()}
 
     per_step_trainer = med["trainer"] / 1000.0 / args.steps
@@ -353,8 +375,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     sps_512 = args.steps * args.batch / (med["bare_loop"] / 1000.0)
     sps_big = big_steps * args.big_batch / (med["batch_8192"] / 1000.0)
     ratios = {
-        "trainer_vs_bare_loop": med["bare_loop"] / med["trainer"],
-        "trainer_with_eval_vs_bare_loop": (med["bare_loop"] / 1000.0 / args.steps)
+        "trainer_vs_bare_loop": med["bare_loop_scheduled"] / med["trainer"],
+        "trainer_with_eval_vs_bare_loop": (med["bare_loop_scheduled"] / 1000.0 / args.steps)
         / (per_step_trainer + eval_per_step),
         "moe_trunk_vs_flop_matched_dlrm": med["bare_loop"] / med["dlrm"],
         "batch_8192_vs_512_samples_per_sec": sps_big / sps_512,
@@ -362,7 +384,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     scale = big_steps * args.big_batch / (args.steps * args.batch)  # samples: big over 512
     spread = {
-        "trainer_vs_bare_loop": _spread(times["trainer"], times["bare_loop"], invert=True),
+        "trainer_vs_bare_loop": _spread(
+            times["trainer"], times["bare_loop_scheduled"], invert=True
+        ),
         "moe_trunk_vs_flop_matched_dlrm": _spread(times["bare_loop"], times["dlrm"]),
         "batch_8192_vs_512_samples_per_sec": [
             scale * r for r in _spread(times["batch_8192"], times["bare_loop"], invert=True)

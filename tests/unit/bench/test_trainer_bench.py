@@ -61,4 +61,4 @@ def test_a_tiny_run_reports_every_ratio(tmp_path):
     paths = report["moe_path"]
     assert paths["bare_loop"]["sparse"] == 0.0  # fresh gates: every expert, the dense path
     assert paths["dselect_k_n16"]["sparse"] == 1.0 and paths["softmax_n16"]["sparse"] == 0.0
-    assert "trainer_at_end" in paths
+    assert paths["trainer_at_end"]["sparse"] == paths["bare_loop_scheduled_at_end"]["sparse"]
