@@ -501,14 +501,16 @@ class Trainer:
             window_samples += global_batch
 
             self.label_means.update(out.label_sums, out.label_weights)
-            self.train_gates.update(out.gates, out.moe_stats)
+            # the gates' own statistics on the last step of each logging window only
+            logs = self.step % tc.log_every == 0 or self.step == self.total_steps
+            self.train_gates.update(out.gates, out.moe_stats, gate_stats=logs)
             parts = torch.cat([out.task_losses.detach(), out.aux_loss.detach().reshape(1)])
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts), self.step, first_bad)
             acc += torch.cat([out.loss.reshape(1), out.task_losses.detach()])
             acc_n += 1
             bar.update(1)
 
-            if self.step % tc.log_every == 0 or self.step == self.total_steps:
+            if logs:
                 self._phase = "train metrics all-reduce"
                 self._check_finite(first_bad)
                 if self.device.type == "cuda":

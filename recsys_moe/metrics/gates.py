@@ -46,6 +46,11 @@ class GateTelemetry:
     >>> tel = GateTelemetry(["click", "like"], num_experts=8, device=torch.device("cpu"))
     >>> tel.update(out.gates, out.moe_stats)        # every step
     >>> metrics = tel.compute(); tel.reset()          # on logging steps
+
+    The gates' own statistics (GateOutput.stats: DSelect-k's saturation and selector entropy,
+    computed on demand) are the costly part; `update(..., gate_stats=False)` skips them for a
+    batch, and compute() averages them over the batches that had them (the trainer takes them
+    on the last step of each logging window only: 8% of a default-job step otherwise).
     """
 
     def __init__(
@@ -77,13 +82,18 @@ class GateTelemetry:
         self.moe: dict[str, torch.Tensor] = {}
         self.moe_batches: dict[str, int] = {}
         self.examples = 0
+        self.stats_examples = 0  # the examples of the batches whose gate stats were taken
         self.batches = 0
 
     @torch.no_grad()
     def update(
-        self, gates: Sequence[GateOutput], moe_stats: Optional[dict[str, torch.Tensor]] = None
+        self,
+        gates: Sequence[GateOutput],
+        moe_stats: Optional[dict[str, torch.Tensor]] = None,
+        gate_stats: bool = True,
     ) -> None:
-        """Adds one batch (all tasks at once: one pass per statistic, not one per task)."""
+        """Adds one batch (all tasks at once: one pass per statistic, not one per task);
+        gate_stats=False leaves out the gates' own statistics for this batch."""
         any_nonzero = None
         if gates:
             w = torch.stack([g.weights for g in gates])  # [T, B, N]
@@ -96,9 +106,11 @@ class GateTelemetry:
             self.entropy += torch.special.entr(w).sum((1, 2))
             self.used |= nz.any(1)
             any_nonzero = nz.any(0)
-        for t, g in enumerate(gates):
-            for k, v in g.stats.items():  # batch means, weighted by the batch's examples
-                self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
+        if gate_stats and gates:
+            self.stats_examples += rows
+            for t, g in enumerate(gates):
+                for k, v in g.stats.items():  # batch means, weighted by the batch's examples
+                    self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
         if self.track_selection and gates:
             selection = torch.stack([g.weights[0] != 0 for g in gates])  # [T, N]
             if self._last_selection is not None:
@@ -125,6 +137,7 @@ class GateTelemetry:
                 v = torch.as_tensor(stats[k], dtype=torch.float64, device=self.device)
                 stats[k] = all_reduce_(v, group)
         self.examples = all_reduce_int(self.examples, group)
+        self.stats_examples = all_reduce_int(self.stats_examples, group)
         # batch-level MoE stats: sums and batch counts of every rank (a rank may have none)
         mine = {k: (float(v), self.moe_batches[k]) for k, v in self.moe.items()}
         merged: dict[str, tuple[float, int]] = {}
@@ -160,7 +173,7 @@ class GateTelemetry:
             if self.track_selection:
                 out[f"{p}/selection_changes"] = changes[t]
             for k, v in self.stats[t].items():
-                out[f"{p}/{k}"] = float(v) / n
+                out[f"{p}/{k}"] = float(v) / max(self.stats_examples, 1)
             for e in range(self.num_experts):
                 out[f"{p}/selected/{e}"] = sel[t, e].item()
                 out[f"{p}/weight/{e}"] = wts[t, e].item()

@@ -51,6 +51,24 @@ def test_counts_and_means_over_batches():
     assert tel.compute() == {}
 
 
+def test_gate_stats_of_some_batches_only():
+    """gate_stats=False: the batch counts in every weight statistic but not in the gates' own
+    statistics, which average over the batches that had them (and are never computed)."""
+    tel = GateTelemetry(["a"], num_experts=2, device=torch.device("cpu"))
+
+    def never():
+        raise AssertionError("stats of a skipped batch were computed")
+
+    skipped = GateOutput(
+        weights=torch.tensor([[1.0, 0.0]] * 3), aux_loss=torch.zeros(()), stats_fn=never
+    )
+    tel.update([skipped], gate_stats=False)
+    tel.update([_out([[0.0, 1.0]], saturated_fraction=0.25)])
+    m = tel.compute()
+    assert m["gate/a/selected/0"] == pytest.approx(3 / 4)  # all 4 examples
+    assert m["gate/a/saturated_fraction"] == pytest.approx(0.25)  # the 1 example that had it
+
+
 def test_heatmap_png(tmp_path):
     path = save_heatmap(
         torch.rand(4, 16), ["click", "like", "watch_time", "rating"], tmp_path / "g" / "h.png", "t"
