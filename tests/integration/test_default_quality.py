@@ -18,7 +18,7 @@ from tests.conftest import CONF
 from tests.tests_support import train_run
 
 # bf16 vs fp32 on the default job, per task: AUC within 0.005, RMSE within 1% (measured: see
-# README, "Mixed precision")
+# README, "Benchmarks", Precision)
 BF16_TOLERANCE = {"auc": 0.005, "rmse_rel": 0.01}
 RUNS = [("softmax", "fp32"), ("dselect_k", "fp32"), ("dselect_k", "bf16")]
 
