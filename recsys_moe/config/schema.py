@@ -187,6 +187,9 @@ class GateConfig:
     # dselect_k: reference | fused | compiled (torch.compile: needs a C++ compiler on CPU,
     # Triton on CUDA); the same values and gradients, fused and compiled faster
     kernel: Optional[GateKernel] = None
+    # dselect_k: outside training (eval, predict, export) round the selectors, so every example
+    # gets at most k experts exactly; training always uses the soft (paper's) gate
+    hard_inference: Optional[bool] = None
 
 
 @dataclass

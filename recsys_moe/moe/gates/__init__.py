@@ -41,6 +41,7 @@ GATE_KEYS: dict[GateType, tuple[str, ...]] = {
         "entropy_start_step",
         "entropy_warmup_steps",
         "kernel",
+        "hard_inference",
     ),
 }
 _COMMON = ("type", "per_example")

@@ -28,6 +28,16 @@ Regularisers (training only), returned as GateOutput.aux_loss:
   authors' follow-up, COMET). Without it a selector saturated on an unreachable code has
   sum_e r_e = 0 exactly and the penalty is +inf, which stops training with a non-finite loss.
 
+Hard routing outside training (hard_inference, conf/model/gate/dselect_k.yaml sets it): in eval
+mode every selector bit is rounded, s = 1 where Z >= 0 else 0 (the gamma -> 0 limit of S), so
+every example gets at most k experts, exactly. Entropy pushes the *training* examples' selectors
+out of the window, but S' = 0 there, so they stop just past its edge, and a fraction of unseen
+examples (0.02-0.1% of the default job's eval (example, selector) pairs) still lands inside it,
+with 3 experts on some examples at k = 2. Rounding changes the weights of those examples only
+(a saturated selector is already 0 or 1): eval metrics, predict and export all see the routing
+that serving pays for. The gate's "saturated_fraction" stat stays that of the soft selectors, so
+it says how many were rounded. Training (and hard_inference=false) is the paper's soft gate.
+
 Why the exact zeros matter: where w_e = 0, every path to it passes through a factor of S at a
 flat point (S' = 0), so dw_e/dZ = dw_e/dalpha = 0 and experts with zero weight can be skipped
 without changing values or gradients (see moe/layer.py, sparse mode).
@@ -99,6 +109,10 @@ class DSelectKGate(Gate):
     given (likewise the warm-up). Until set_train_progress is first called the run's length is
     unknown: a schedule whose start is a positive fraction keeps lambda at 0 then.
 
+    hard_inference: in eval mode, round every selector bit (S(Z) -> 1 where Z >= 0, else 0): at
+    most k experts per example, exactly; the same weights wherever the selectors saturated. No
+    gradient flows through the rounding (eval only).
+
     kernel: "reference" computes the per-example gate with the eager formulas below (the
     reference); "fused" and "compiled" compute the same values and gradients in one autograd
     Function (moe/gates/dselect_k_fused.py). Static gates always take the reference path.
@@ -124,6 +138,7 @@ class DSelectKGate(Gate):
         entropy_start_fraction: float = 0.0,
         entropy_warmup_fraction: float = 0.0,
         kernel: str = "fused",
+        hard_inference: bool = False,
     ) -> None:
         super().__init__(num_experts)
         _check(num_experts, k, gamma, entropy_reg)
@@ -139,6 +154,7 @@ class DSelectKGate(Gate):
         self.entropy_start_fraction = entropy_start_fraction
         self.entropy_warmup_fraction = entropy_warmup_fraction
         self.kernel = str(getattr(kernel, "value", kernel))  # see dselect_k_fused.py
+        self.hard_inference = bool(hard_inference)
         self.num_bits = num_bits(num_experts)
         self.power_of_two = num_experts == 2**self.num_bits
         if per_example:
@@ -195,6 +211,11 @@ class DSelectKGate(Gate):
         u = out[:, :km].reshape(x_BD.shape[0], self.k, self.num_bits).clamp(0.0, 1.0)
         return u, out[:, km:]
 
+    @property
+    def hard(self) -> bool:
+        """Round the selectors in this forward (hard_inference, in eval mode)."""
+        return self.hard_inference and not self.training
+
     def set_train_progress(self, step: int, total_steps: int) -> None:
         """The run is at training step `step` (0-based: optimizer steps taken so far) of
         `total_steps`. Called by the trainer before each training forward."""
@@ -238,7 +259,10 @@ class DSelectKGate(Gate):
 
             return fused_forward(self, x_BD)
         u, alpha = self._window_and_alpha(x_BD)
-        s = u * u * (3.0 - 2.0 * u)  # smooth_step(Z, gamma)
+        if self.hard:  # S rounded: 1 where Z >= 0 (u >= 1/2), else 0
+            s = (u >= 0.5).to(u.dtype)
+        else:
+            s = u * u * (3.0 - 2.0 * u)  # smooth_step(Z, gamma)
         r = selector_outputs(s, self.num_experts)  # [B, K, N] or [K, N]
         mix = torch.softmax(alpha, dim=-1)  # softmax over the K selectors, not the experts
         w = (mix.unsqueeze(-1) * r).sum(-2)  # [B, N] or [N]
@@ -255,14 +279,19 @@ class DSelectKGate(Gate):
                 # + REACH_EPS: finite even when a selector saturates on an unreachable code
                 aux = aux + (1.0 / (r.sum(-1) + REACH_EPS)).sum(-1).mean()
 
-        u_d, r_d = u.detach(), r.detach()
+        u_d, r_d, hard = u.detach(), r.detach(), self.hard
 
         def stats() -> dict[str, torch.Tensor]:
             # saturated: every bit of the selector outside the window (u exactly 0 or 1)
             saturated = ((u_d == 0.0) | (u_d == 1.0)).all(-1).float().mean()
             return {
                 "saturated_fraction": saturated,
-                "selector_entropy": entropy(r_d).mean(),
+                # of the soft selectors, also when hard_inference rounded them
+                "selector_entropy": entropy(
+                    selector_outputs(u_d * u_d * (3.0 - 2.0 * u_d), self.num_experts)
+                    if hard
+                    else r_d
+                ).mean(),
                 "entropy_reg": lam,
             }
 

@@ -61,15 +61,22 @@ def _codes(s_XMB: torch.Tensor) -> list[torch.Tensor]:
 
 
 def forward_math(
-    lin_THB: torch.Tensor, k: int, m: int, n: int, with_entropy: bool, with_reach: bool
+    lin_THB: torch.Tensor,
+    k: int,
+    m: int,
+    n: int,
+    with_entropy: bool,
+    with_reach: bool,
+    hard: bool = False,
 ):
     """lin [T, H, B] (per gate, rows [0, K*M): u before the clamp; [K*M, H): mixing logits) ->
     (w [T, B, N], entropy [T] and reachability [T] summed over selectors and averaged over the
-    batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B])."""
+    batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B]). hard: s is S rounded (u >= 1/2), the
+    gate's hard_inference; u stays the soft one."""
     t, _, b = lin_THB.shape
     km = k * m
     u = lin_THB[:, :km].clamp(0.0, 1.0).reshape(t * k, m, b)
-    s = u * u * (3.0 - 2.0 * u)  # smooth_step
+    s = (u >= 0.5).to(u.dtype) if hard else u * u * (3.0 - 2.0 * u)  # smooth_step
     r = _codes(s)[-1][:, :n].reshape(t, k, n, b)
     mix = torch.softmax(lin_THB[:, km:], dim=1)  # over each gate's K selectors
     w_TBN = (mix.unsqueeze(2) * r).sum(1).transpose(1, 2).contiguous()
@@ -143,14 +150,14 @@ def _run(compiled: bool, which: int, *args):
 
 class _DSelectKFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, compiled):
+    def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, compiled, hard):
         t, h, d = w_THD.shape
         lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
         w_TBN, ent, reach, u, s, mix = _run(
-            compiled, 0, lin.view(t, h, x_BD.shape[0]), k, m, n, with_entropy, with_reach
+            compiled, 0, lin.view(t, h, x_BD.shape[0]), k, m, n, with_entropy, with_reach, hard
         )
         ctx.save_for_backward(x_BD, w_THD, u, s, mix)
-        ctx.options = (n, with_entropy, with_reach, compiled)
+        ctx.options = (n, with_entropy, with_reach, compiled, hard)
         ctx.mark_non_differentiable(u)
         return w_TBN, ent, reach, u
 
@@ -158,7 +165,9 @@ class _DSelectKFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_w_TBN, grad_ent, grad_reach, _grad_u):
         x_BD, w_THD, u, s, mix = ctx.saved_tensors
-        n, with_entropy, with_reach, compiled = ctx.options
+        n, with_entropy, with_reach, compiled, hard = ctx.options
+        if hard:  # rounded selectors: S is a step, flat almost everywhere; alpha still mixes
+            u = torch.where((u > 0.0) & (u < 1.0), s, u)  # saturated there: 6u(1 - u) = 0
         g_THB = _run(
             compiled,
             1,
@@ -177,7 +186,7 @@ class _DSelectKFunction(torch.autograd.Function):
         grad_x = g.t() @ w_THD.reshape(t * h, d) if ctx.needs_input_grad[0] else None
         grad_w = (g @ x_BD).view(t, h, d) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(1).view(t, h) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _batch_key(gate: Gate):
@@ -186,7 +195,7 @@ def _batch_key(gate: Gate):
         return None
     with_entropy = gate.training and gate.entropy_reg > 0
     with_reach = gate.training and not gate.power_of_two
-    return (gate.k, gate.num_experts, gate.kernel, with_entropy, with_reach)
+    return (gate.k, gate.num_experts, gate.kernel, with_entropy, with_reach, gate.hard)
 
 
 def forward_gates(gates: Sequence[Gate], x_BD: torch.Tensor) -> list[GateOutput]:
@@ -209,11 +218,15 @@ def forward_gates(gates: Sequence[Gate], x_BD: torch.Tensor) -> list[GateOutput]
 def fused_forward(gate: DSelectKGate, x_BD: torch.Tensor) -> GateOutput:
     """gate(x) for one per-example gate through _DSelectKFunction (DSelectKGate's hook)."""
     key = _batch_key(gate)
-    return _fused([gate], x_BD, key[3], key[4])[0]
+    return _fused([gate], x_BD, *key[3:])[0]
 
 
 def _fused(
-    gates: list[DSelectKGate], x_BD: torch.Tensor, with_entropy: bool, with_reach: bool
+    gates: list[DSelectKGate],
+    x_BD: torch.Tensor,
+    with_entropy: bool,
+    with_reach: bool,
+    hard: bool = False,
 ) -> list[GateOutput]:
     """The GateOutputs of the reference forward (weights, aux_loss, stats) for gates of one
     shape, in one _DSelectKFunction call."""
@@ -231,6 +244,7 @@ def _fused(
         with_entropy,
         with_reach,
         g0.kernel == "compiled",
+        hard,
     )
     u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
     outs = []

@@ -24,6 +24,7 @@ SET_VALUES = {
     "entropy_warmup_steps": 4,
     "noise": False,  # set, even to its default: still a key the gate would ignore
     "kernel": "reference",
+    "hard_inference": True,
 }
 OPTIONAL_KEYS = [f.name for f in fields(GateConfig) if f.name not in ("type", "per_example")]
 
