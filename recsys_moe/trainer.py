@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +41,8 @@ from recsys_moe.config.schema import (
     Allocator,
     DataOnReshard,
     DenseOptimConfig,
+    GateConfig,
+    GateType,
     HeatmapWhen,
     LoadMode,
     NonFinite,
@@ -661,6 +663,10 @@ class Trainer:
             tasks = format_task_table(metrics, self.task_names, self.task_types)
             gates = format_gate_table(metrics, self.task_names)
             log.info("eval at step %d\n%s\n%s", self.step, tasks, gates)
+        if self.step >= self.total_steps and self.dims.is_main:
+            warning = rounded_selectors_warning(self.cfg.model.gate, metrics, self.task_names)
+            if warning:
+                log.warning(warning)
         return metrics
 
     def close(self) -> None:
@@ -670,3 +676,33 @@ class Trainer:
             sink.close()
         self.sinks = []
         self.dims.close()
+
+
+# The soft selectors' saturated fraction below which rounding them (hard_inference) is flagged
+HARD_ROUTING_MIN_SATURATED = 0.99
+
+
+def rounded_selectors_warning(
+    gate: GateConfig, metrics: dict[str, float], task_names: Sequence[str]
+) -> Optional[str]:
+    """At the end of a run: where DSelect-k's hard_inference rounded more than 1% of a task's
+    eval (example, selector) pairs, the eval metrics are those of the rounded gate, not of the
+    soft one training optimised; None when every task's selectors saturated (rounding then
+    changes almost nothing) or the gate does not round."""
+    if gate.type != GateType.dselect_k or not gate.hard_inference:
+        return None
+    low = {
+        name: v
+        for name in task_names
+        if (v := metrics.get(f"eval/gate/{name}/saturated_fraction")) is not None
+        and v < HARD_ROUTING_MIN_SATURATED
+    }
+    if not low:
+        return None
+    fractions = ", ".join(f"{name} {100 * v:.1f}%" for name, v in low.items())
+    return (
+        f"DSelect-k's selectors did not saturate by the end of training (eval pairs saturated: "
+        f"{fractions}): model.gate.hard_inference rounded the rest, so these eval metrics are "
+        "the rounded gate's, which training never saw. Train longer or with a larger "
+        "model.gate.entropy_reg, or evaluate the soft gate: model.gate.hard_inference=false"
+    )

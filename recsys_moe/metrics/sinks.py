@@ -176,10 +176,13 @@ def format_task_table(
 def format_gate_table(
     metrics: Mapping[str, float], names: Sequence[str], prefix: str = "eval/"
 ) -> str:
-    """Per task: experts active per example, experts used, mixture entropy, top experts."""
+    """Per task: experts active per example, the most on one example, experts used, mixture
+    entropy, the fraction of DSelect-k's soft selectors saturated ('-' for other gates), top
+    experts."""
     width = max([len("task"), *(len(n) for n in names)])
     lines = [
-        f"{'task':<{width}}  active/example  max active  experts_used  entropy  top experts (mean weight)"
+        f"{'task':<{width}}  active/example  max active  experts_used  entropy  saturated"
+        "  top experts (mean weight)"
     ]
     for name in names:
         p = f"{prefix}gate/{name}"
@@ -193,6 +196,14 @@ def format_gate_table(
             f"{name:<{width}}  {metrics.get(f'{p}/active_experts', nan):>14.3f}"
             f"  {metrics.get(f'{p}/max_active_experts', nan):>10.0f}"
             f"  {metrics.get(f'{p}/experts_used', nan):>12.0f}"
-            f"  {metrics.get(f'{p}/entropy', nan):>7.3f}  {top}"
+            f"  {metrics.get(f'{p}/entropy', nan):>7.3f}  {_saturated(metrics.get(f'{p}/saturated_fraction'))}"
+            f"  {top}"
         )
     return "\n".join(lines)
+
+
+def _saturated(fraction: Optional[float]) -> str:
+    """DSelect-k's saturated selector fraction as a percentage, 9 wide ('-' when absent)."""
+    if fraction is None:
+        return f"{'-':>9}"
+    return f"{100.0 * fraction:>8.3f}%"
