@@ -257,10 +257,23 @@ def paired_differences(
     return "\n".join(lines)
 
 
-def write_summary(sweep_dir: Path, baseline: Optional[str] = None) -> tuple[Path, Path]:
-    """summary.csv (every metric: mean, se and n per configuration) and summary.md."""
+def write_summary(
+    sweep_dir: Path, baseline: Optional[str] = None, strict_baseline: bool = True
+) -> tuple[Path, Path]:
+    """summary.csv (every metric: mean, se and n per configuration) and summary.md.
+
+    A baseline that is not one of the configurations raises (ValueError), or, with
+    strict_baseline=False (a sweep config's default baseline that the command line overrode,
+    e.g. sweep=gates model/gate=dselect_k), leaves the paired differences out, saying why in
+    summary.md."""
     sweep_dir = Path(sweep_dir)
     summary = summarize(load_sweep(sweep_dir))
+    missing = None
+    if baseline and all(c.label != baseline for c in summary.configs):
+        labels = [c.label for c in summary.configs]
+        missing = f"baseline {baseline} is not one of the configurations (have: {labels})"
+        if strict_baseline:
+            raise ValueError(f"--baseline ({baseline}): no such configuration (have: {labels})")
     csv_path, md_path = sweep_dir / "summary.csv", sweep_dir / "summary.md"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
@@ -281,7 +294,9 @@ def write_summary(sweep_dir: Path, baseline: Optional[str] = None) -> tuple[Path
         "",
         markdown_table(summary),
     ]
-    if baseline:
+    if missing:
+        parts += ["", f"No differences paired by seed: {missing}."]
+    elif baseline:
         parts += ["", "Paired by seed:", "", paired_differences(summary, baseline)]
     md_path.write_text("\n".join(parts) + "\n")
     return csv_path, md_path

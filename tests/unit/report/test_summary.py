@@ -127,3 +127,19 @@ def test_a_missing_baseline_names_the_configurations(tmp_path):
     fake_run(tmp_path / "1", ["model/gate=softmax"], {"step": 1.0, "eval/a/auc": 0.5})
     with pytest.raises(ValueError, match=r"--baseline \(model/gate=nope\).*model/gate=topk"):
         write_summary(tmp_path, baseline="model/gate=nope")
+
+
+def test_a_sweeps_own_baseline_overridden_away_still_gives_the_summary(tmp_path):
+    """sweep=gates pairs against softmax; with model/gate=dselect_k on the command line there is
+    no softmax run: the table is written, and summary.md says why the pairs are missing."""
+    fake_run(
+        tmp_path / "0", ["model/gate=dselect_k", "trainer.seed=0"], {"step": 1.0, "eval/a/auc": 0.6}
+    )
+    fake_run(
+        tmp_path / "1", ["model/gate=dselect_k", "trainer.seed=1"], {"step": 1.0, "eval/a/auc": 0.8}
+    )
+    csv_path, md_path = write_summary(tmp_path, "model/gate=softmax", strict_baseline=False)
+    md = md_path.read_text()
+    assert "0.7000" in md  # the mean over the two seeds
+    assert "No differences paired by seed: baseline model/gate=softmax is not one" in md
+    assert csv_path.exists() and "Paired by seed:" not in md
