@@ -156,7 +156,11 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         tc = cfg.trainer
-        for key, value in (("trainer.log_every", tc.log_every), ("trainer.epochs", tc.epochs)):
+        for key, value in (
+            ("trainer.log_every", tc.log_every),
+            ("trainer.epochs", tc.epochs),
+            ("logger.gate_telemetry_every", cfg.logger.gate_telemetry_every),
+        ):
             if value < 1:
                 raise ValueError(f"{key} ({value}) must be >= 1")
         if tc.eval_every < 0:
@@ -505,7 +509,9 @@ class Trainer:
             self.label_means.update(out.label_sums, out.label_weights)
             # the gates' own statistics on the last step of each logging window only
             logs = self.step % tc.log_every == 0 or self.step == self.total_steps
-            self.train_gates.update(out.gates, out.moe_stats, gate_stats=logs)
+            # and their weight statistics every gate_telemetry_every steps (and at logging)
+            sampled = logs or self.step % self.cfg.logger.gate_telemetry_every == 0
+            self.train_gates.update(out.gates, out.moe_stats, gate_stats=logs, weights=sampled)
             parts = torch.cat([out.task_losses.detach(), out.aux_loss.detach().reshape(1)])
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts), self.step, first_bad)
             acc += torch.cat([out.loss.reshape(1), out.task_losses.detach()])

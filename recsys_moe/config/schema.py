@@ -374,6 +374,10 @@ class LoggerConfig:
     console: bool = True  # per-task table at each eval, and log lines
     progress_bar: bool = True
     gate_heatmap: HeatmapWhen = HeatmapWhen.end
+    # training-time gate telemetry (gate/<task>/..., expert/<e>/load, moe/...) from every this
+    # many steps' batches and each logging step's (1: every batch); eval takes every batch.
+    # Static gates' selection changes are tracked every step whatever this is.
+    gate_telemetry_every: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

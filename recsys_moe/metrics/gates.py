@@ -50,7 +50,10 @@ class GateTelemetry:
     The gates' own statistics (GateOutput.stats: DSelect-k's saturation and selector entropy,
     computed on demand) are the costly part; `update(..., gate_stats=False)` skips them for a
     batch, and compute() averages them over the batches that had them (the trainer takes them
-    on the last step of each logging window only: 8% of a default-job step otherwise).
+    on the last step of each logging window only: 8% of a default-job step otherwise), and
+    `weights=False` skips the weight statistics too (the trainer takes them every
+    logger.gate_telemetry_every steps and on logging steps: the training-time figures are then
+    over those batches; eval takes every batch).
     """
 
     def __init__(
@@ -91,9 +94,22 @@ class GateTelemetry:
         gates: Sequence[GateOutput],
         moe_stats: Optional[dict[str, torch.Tensor]] = None,
         gate_stats: bool = True,
+        weights: bool = True,
     ) -> None:
         """Adds one batch (all tasks at once: one pass per statistic, not one per task);
-        gate_stats=False leaves out the gates' own statistics for this batch."""
+        gate_stats=False leaves out the gates' own statistics for this batch, weights=False
+        everything else but the selection tracking (which compares consecutive updates) and
+        the batch count."""
+        if not weights:
+            gates_for_weights: Sequence[GateOutput] = ()
+            gate_stats = False
+        else:
+            gates_for_weights = gates
+        self._update_selection(gates)
+        self.batches += 1
+        if not weights:
+            return
+        gates = gates_for_weights
         any_nonzero = None
         if gates:
             w = torch.stack([g.weights for g in gates])  # [T, B, N]
@@ -111,18 +127,21 @@ class GateTelemetry:
             for t, g in enumerate(gates):
                 for k, v in g.stats.items():  # batch means, weighted by the batch's examples
                     self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
-        if self.track_selection and gates:
-            selection = torch.stack([g.weights[0] != 0 for g in gates])  # [T, N]
-            if self._last_selection is not None:
-                self.selection_changes += (selection != self._last_selection).any(-1)
-            self._last_selection = selection
         if any_nonzero is not None:
             self.load += any_nonzero.sum(0)
             self.examples += any_nonzero.shape[0]
         for k, v in (moe_stats or {}).items():
             self.moe[k] = self.moe.get(k, 0.0) + v.detach().double()
             self.moe_batches[k] = self.moe_batches.get(k, 0) + 1
-        self.batches += 1
+
+    def _update_selection(self, gates: Sequence[GateOutput]) -> None:
+        """track_selection: whether each task's selected experts changed since the last batch
+        (every batch, so no change is missed)."""
+        if self.track_selection and gates:
+            selection = torch.stack([g.weights[0] != 0 for g in gates])  # [T, N]
+            if self._last_selection is not None:
+                self.selection_changes += (selection != self._last_selection).any(-1)
+            self._last_selection = selection
 
     def reduce(self, group: Optional[dist.ProcessGroup]) -> None:
         """Sums the state of all ranks into every rank (call before compute() at eval)."""

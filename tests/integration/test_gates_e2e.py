@@ -92,3 +92,11 @@ def test_one_expert_trains_with_every_gate(tiny_train_config, tmp_path, gate, pe
         assert summary[f"eval/gate/{task.name}/active_experts"] == 1.0
         assert summary[f"eval/gate/{task.name}/weight/0"] == pytest.approx(1.0)
     assert all(math.isfinite(v) for k, v in summary.items() if k.startswith("eval/click/"))
+
+
+def test_gate_telemetry_stride_is_checked(tiny_train_config, tmp_path):
+    from recsys_moe.trainer import Trainer
+
+    tiny_train_config.logger.gate_telemetry_every = 0
+    with pytest.raises(ValueError, match=r"logger\.gate_telemetry_every \(0\) must be >= 1"):
+        Trainer(tiny_train_config, tmp_path)

@@ -69,6 +69,27 @@ def test_gate_stats_of_some_batches_only():
     assert m["gate/a/saturated_fraction"] == pytest.approx(0.25)  # the 1 example that had it
 
 
+def test_weights_of_some_batches_only_but_every_selection_change():
+    """weights=False (the trainer's unsampled steps): the batch adds to no statistic, its
+    gate stats are never computed, but a static gate's selection change is still counted."""
+    tel = GateTelemetry(["a"], num_experts=2, device=torch.device("cpu"), track_selection=True)
+
+    def never():
+        raise AssertionError("stats of an unsampled batch were computed")
+
+    tel.update([_out([[1.0, 0.0]] * 2, saturated_fraction=1.0)])
+    unsampled = GateOutput(
+        weights=torch.tensor([[0.0, 1.0]] * 5), aux_loss=torch.zeros(()), stats_fn=never
+    )
+    tel.update([unsampled], {"sparse": torch.tensor(1.0)}, weights=False)
+    tel.update([_out([[0.0, 1.0]] * 2, saturated_fraction=0.5)], {"sparse": torch.tensor(0.0)})
+    m = tel.compute()
+    assert m["gate/a/selected/0"] == pytest.approx(2 / 4)  # the 4 sampled examples only
+    assert m["gate/a/saturated_fraction"] == pytest.approx(0.75)
+    assert m["moe/sparse_fraction"] == 0.0  # the sampled batch's
+    assert m["gate/a/selection_changes"] == 1.0  # [1, 0] -> [0, 1] at the unsampled batch
+
+
 def test_heatmap_png(tmp_path):
     path = save_heatmap(
         torch.rand(4, 16), ["click", "like", "watch_time", "rating"], tmp_path / "g" / "h.png", "t"
