@@ -100,16 +100,10 @@ class GateTelemetry:
         gate_stats=False leaves out the gates' own statistics for this batch, weights=False
         everything else but the selection tracking (which compares consecutive updates) and
         the batch count."""
-        if not weights:
-            gates_for_weights: Sequence[GateOutput] = ()
-            gate_stats = False
-        else:
-            gates_for_weights = gates
         self._update_selection(gates)
         self.batches += 1
         if not weights:
             return
-        gates = gates_for_weights
         any_nonzero = None
         if gates:
             w = torch.stack([g.weights for g in gates])  # [T, B, N]
