@@ -69,7 +69,7 @@ def test_default_config_on_default_data_meets_the_bar(summaries, gate, precision
             assert summary[f"eval/gate/{task.name}/max_active_experts"] <= cfg.model.gate.k
             assert summary[f"eval/gate/{task.name}/active_experts"] <= cfg.model.gate.k
             # the soft gate was nearly there: a few unseen examples sit inside the window of
-            # some bit (README, MoE section)
+            # some bit (README, "The mixture-of-experts trunk")
             assert summary[f"eval/gate/{task.name}/saturated_fraction"] >= 0.99
 
 
