@@ -45,6 +45,7 @@ without changing values or gradients (see moe/layer.py, sparse mode).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -60,7 +61,11 @@ REACH_EPS = 1e-6  # in the reachability penalty's denominator (COMET's; not in t
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Cubic smooth-step: 0 below -gamma/2, 1 above gamma/2, 3u^2 - 2u^3 in between."""
-    u = (t / gamma + 0.5).clamp(0.0, 1.0)
+    return cubic((t / gamma + 0.5).clamp(0.0, 1.0))
+
+
+def cubic(u: torch.Tensor) -> torch.Tensor:
+    """S from u = clamp(t / gamma + 1/2, 0, 1): 3u^2 - 2u^3."""
     return u * u * (3.0 - 2.0 * u)
 
 
@@ -262,7 +267,7 @@ class DSelectKGate(Gate):
         if self.hard:  # S rounded: 1 where Z >= 0 (u >= 1/2), else 0
             s = (u >= 0.5).to(u.dtype)
         else:
-            s = u * u * (3.0 - 2.0 * u)  # smooth_step(Z, gamma)
+            s = cubic(u)  # smooth_step(Z, gamma)
         r = selector_outputs(s, self.num_experts)  # [B, K, N] or [K, N]
         mix = torch.softmax(alpha, dim=-1)  # softmax over the K selectors, not the experts
         w = (mix.unsqueeze(-1) * r).sum(-2)  # [B, N] or [N]
@@ -279,23 +284,19 @@ class DSelectKGate(Gate):
                 # + REACH_EPS: finite even when a selector saturates on an unreachable code
                 aux = aux + (1.0 / (r.sum(-1) + REACH_EPS)).sum(-1).mean()
 
-        u_d, r_d, hard = u.detach(), r.detach(), self.hard
-
-        def stats() -> dict[str, torch.Tensor]:
-            # saturated: every bit of the selector outside the window (u exactly 0 or 1)
-            saturated = ((u_d == 0.0) | (u_d == 1.0)).all(-1).float().mean()
-            return {
-                "saturated_fraction": saturated,
-                # of the soft selectors, also when hard_inference rounded them
-                "selector_entropy": entropy(
-                    selector_outputs(u_d * u_d * (3.0 - 2.0 * u_d), self.num_experts)
-                    if hard
-                    else r_d
-                ).mean(),
-                "entropy_reg": lam,
-            }
-
+        stats = functools.partial(selector_stats, u.detach(), self.num_experts, lam)
         return GateOutput(weights=w, aux_loss=aux, stats_fn=stats)
+
+
+def selector_stats(u: torch.Tensor, num_experts: int, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A gate's own stats from its soft selectors u [..., M] (before any hard_inference
+    rounding): the fraction saturated (every bit outside the window, u exactly 0 or 1), their
+    mean entropy, and lambda now. Computed on demand (GateOutput.stats)."""
+    return {
+        "saturated_fraction": ((u == 0.0) | (u == 1.0)).all(-1).float().mean(),
+        "selector_entropy": entropy(selector_outputs(cubic(u), num_experts)).mean(),
+        "entropy_reg": lam,
+    }
 
 
 def _check(num_experts: int, k: int, gamma: float, entropy_reg: float) -> None:

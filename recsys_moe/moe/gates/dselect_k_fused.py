@@ -44,8 +44,8 @@ from recsys_moe.moe.gates.dselect_k import (
     ENTROPY_EPS,
     REACH_EPS,
     DSelectKGate,
-    entropy,
-    selector_outputs,
+    cubic,
+    selector_stats,
 )
 
 
@@ -76,7 +76,7 @@ def forward_math(
     t, _, b = lin_THB.shape
     km = k * m
     u = lin_THB[:, :km].clamp(0.0, 1.0).reshape(t * k, m, b)
-    s = (u >= 0.5).to(u.dtype) if hard else u * u * (3.0 - 2.0 * u)  # smooth_step
+    s = (u >= 0.5).to(u.dtype) if hard else cubic(u)  # smooth_step
     r = _codes(s)[-1][:, :n].reshape(t, k, n, b)
     mix = torch.softmax(lin_THB[:, km:], dim=1)  # over each gate's K selectors
     w_TBN = (mix.unsqueeze(2) * r).sum(1).transpose(1, 2).contiguous()
@@ -262,13 +262,5 @@ def _fused(
 
 
 def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: torch.Tensor):
-    def stats() -> dict[str, torch.Tensor]:
-        u = u_KMB.permute(2, 0, 1)  # [B, K, M], as the reference keeps it
-        r = selector_outputs(u * u * (3.0 - 2.0 * u), gate.num_experts)
-        return {
-            "saturated_fraction": ((u == 0.0) | (u == 1.0)).all(-1).float().mean(),
-            "selector_entropy": entropy(r).mean(),
-            "entropy_reg": lam,
-        }
-
-    return stats
+    # the soft selectors as [B, K, M], as the reference keeps them
+    return functools.partial(selector_stats, u_KMB.permute(2, 0, 1), gate.num_experts, lam)
