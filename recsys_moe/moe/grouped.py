@@ -230,12 +230,25 @@ def expert_mlp(
     """Every expert's MLP (Linear -> ReLU per layer; weights[l] [N, I_l, O_l], biases[l]
     [N, O_l]) on its rows: x [B, I] shared -> [N, B, O]; x [P, I] with counts -> [P, O].
     The same values and gradients as expert_linear(..., relu=True) layer after layer."""
+    x, weights, biases, counts = _prepare(x, list(weights), list(biases), counts)
+    return _ExpertMLP.apply(x, counts, *weights, *biases)
+
+
+def _prepare(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    counts: Optional[Sequence[int]],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], Optional[list[int]]]:
+    """The checks and casts every expert kernel's entry point shares: counts (grouped rows)
+    that match x and the experts; x in the autocast dtype where autocast is on, and the
+    weights in x's dtype (autocast, or parameters kept in another dtype than activations)."""
     if counts is not None:
         counts = list(counts)
-        if sum(counts) != x.shape[0] or len(counts) != weights[0].shape[0]:
+        if x.dim() != 2 or sum(counts) != x.shape[0] or len(counts) != weights[0].shape[0]:
             raise ValueError(
                 f"counts ({len(counts)} groups, {sum(counts)} rows) do not match x "
-                f"{tuple(x.shape)} and {weights[0].shape[0]} experts"
+                f"{tuple(x.shape)} and w {tuple(weights[0].shape)}"
             )
     dtype = autocast_dtype(x)
     if dtype is not None and dtype != x.dtype:
@@ -243,7 +256,7 @@ def expert_mlp(
     if any(w.dtype != x.dtype for w in weights):
         weights = [w.to(x.dtype) for w in weights]
         biases = [b.to(x.dtype) for b in biases]
-    return _ExpertMLP.apply(x, counts, *weights, *biases)
+    return x, weights, biases, counts
 
 
 def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
@@ -264,18 +277,7 @@ def expert_linear(
     x [B, I] (every expert on every row) or [N, B, I] (expert e on x[e]) -> [N, B, O];
     x [P, I] with counts [N] (counts[e] rows of expert e, in order) -> [P, O].
     """
-    if counts is not None:
-        counts = list(counts)
-        if x.dim() != 2 or sum(counts) != x.shape[0] or len(counts) != w_NIO.shape[0]:
-            raise ValueError(
-                f"counts ({len(counts)} groups, {sum(counts)} rows) do not match x "
-                f"{tuple(x.shape)} and w {tuple(w_NIO.shape)}"
-            )
-    dtype = autocast_dtype(x)
-    if dtype is not None and dtype != x.dtype:
-        x = x.to(dtype)
-    if x.dtype != w_NIO.dtype:  # autocast, or parameters kept in another dtype than activations
-        w_NIO, b_NO = w_NIO.to(x.dtype), b_NO.to(x.dtype)
+    x, (w_NIO,), (b_NO,), counts = _prepare(x, [w_NIO], [b_NO], counts)
     if counts is not None:
         return _GroupedLinear.apply(x, w_NIO, b_NO, counts, relu)
     if x.dim() == 2:
