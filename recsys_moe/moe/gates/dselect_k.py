@@ -177,6 +177,9 @@ class DSelectKGate(Gate):
         # where the run is (set_train_progress): drives lambda's schedule; saved with the model
         self.register_buffer("train_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
+        # lambda at that position, made on the host (current_entropy_reg)
+        self._progress: Optional[tuple[int, int]] = (0, 0)
+        self._lam: Optional[torch.Tensor] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -228,34 +231,45 @@ class DSelectKGate(Gate):
             raise ValueError(f"set_train_progress({step}, {total_steps}): both must be >= 0")
         self.train_step.fill_(step)
         self.total_steps.fill_(total_steps)
+        self._lam = None
+        self._progress = (step, total_steps)
 
-    def schedule_steps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(start, warm-up) of lambda's schedule in training steps, as float64 device tensors:
-        the absolute steps where given, else the fractions of total_steps (inf for a start that
-        is a positive fraction of a run of unknown length: lambda stays 0)."""
-        total = self.total_steps.double()
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._lam, self._progress = None, None  # the buffers hold a position set elsewhere
+
+    def entropy_reg_at(self, step: int, total_steps: int) -> float:
+        """lambda at training step `step` of a run of `total_steps`: 0 before the start, then a
+        linear ramp from 0 to entropy_reg over the warm-up (a step at the start when the warm-up
+        is 0). The start and warm-up are the absolute steps where given, else the fractions of
+        total_steps; a start that is a positive fraction of a run of unknown length (0 steps)
+        never comes: lambda stays 0."""
         if self.entropy_start_step is not None:
-            start = torch.full_like(total, float(self.entropy_start_step))
+            start = float(self.entropy_start_step)
+        elif self.entropy_start_fraction > 0 and total_steps <= 0:
+            start = math.inf
         else:
-            start = self.entropy_start_fraction * total
-            if self.entropy_start_fraction > 0:
-                start = torch.where(total > 0, start, torch.full_like(start, math.inf))
+            start = self.entropy_start_fraction * total_steps
         if self.entropy_warmup_steps is not None:
-            warmup = torch.full_like(total, float(self.entropy_warmup_steps))
+            warmup = float(self.entropy_warmup_steps)
         else:
-            warmup = self.entropy_warmup_fraction * total
-        return start, warmup
+            warmup = self.entropy_warmup_fraction * total_steps
+        since = step - start
+        ramp = min(max(since / warmup, 0.0), 1.0) if warmup > 0 else float(since >= 0)
+        return self.entropy_reg * ramp
 
     def current_entropy_reg(self) -> torch.Tensor:
-        """lambda at the current training step: 0 before the start, then a linear ramp from 0 to
-        entropy_reg over the warm-up (a step at the start when the warm-up is 0). A device
-        tensor: reading it never syncs the host."""
-        start, warmup = self.schedule_steps()
-        since = self.train_step.double() - start
-        ramp = torch.where(
-            warmup > 0, (since / warmup.clamp_min(1e-12)).clamp(0.0, 1.0), (since >= 0).double()
-        )
-        return self.entropy_reg * ramp
+        """lambda now (entropy_reg_at the position of set_train_progress, or of the buffers a
+        checkpoint loaded), as a float64 device tensor made once per position: the schedule is
+        host arithmetic, not a dozen device ops per forward. Only the first call after
+        load_state_dict reads the buffers (a host sync); set_train_progress never does."""
+        device = self.train_step.device
+        if self._lam is None or self._lam.device != device:
+            if self._progress is None:
+                self._progress = (int(self.train_step), int(self.total_steps))
+            lam = self.entropy_reg_at(*self._progress)
+            self._lam = torch.tensor(lam, dtype=torch.float64, device=device)
+        return self._lam
 
     def forward(self, x_BD: torch.Tensor) -> GateOutput:
         if self.per_example and self.kernel != "reference":
