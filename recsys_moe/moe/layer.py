@@ -35,7 +35,7 @@ from recsys_moe.moe.dispatch.base import Dispatcher
 from recsys_moe.moe.dispatch.local import LocalDispatcher
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.gates.base import Gate, GateOutput
-from recsys_moe.moe.gates.dselect_k_fused import forward_gates
+from recsys_moe.moe.gates.dselect_k_fused import stacked_forward_gates
 from recsys_moe.moe.grouped import autocast_dtype
 
 
@@ -121,8 +121,8 @@ class MultiTaskMoE(nn.Module):
         amp = autocast_dtype(x_BD)
         with torch.autocast(x_BD.device.type, enabled=False):  # gates in full precision
             x_gate = x_BD.float() if x_BD.element_size() < 4 else x_BD
-            outs = forward_gates(self.gates, x_gate)  # DSelect-k's: one fused call
-        w_TBN = torch.stack([o.weights for o in outs])
+            # DSelect-k's: one fused call, whose [T, B, N] output is w_TBN itself
+            outs, w_TBN = stacked_forward_gates(self.gates, x_gate)
         stats: dict[str, torch.Tensor] = {}
         sparse, nonzero_TBN = self._sparse_path(w_TBN, stats)
         plan = self.dispatcher.plan(w_TBN.detach(), sparse, nonzero_TBN)

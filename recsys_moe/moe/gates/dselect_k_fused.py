@@ -201,6 +201,14 @@ def _batch_key(gate: Gate):
 def forward_gates(gates: Sequence[Gate], x_BD: torch.Tensor) -> list[GateOutput]:
     """[gate(x_BD) for gate in gates], with the per-example DSelect-k gates of the same shape,
     kernel and regularisers computed in one fused call (the same values and gradients)."""
+    return stacked_forward_gates(gates, x_BD)[0]
+
+
+def stacked_forward_gates(
+    gates: Sequence[Gate], x_BD: torch.Tensor
+) -> tuple[list[GateOutput], torch.Tensor]:
+    """forward_gates, and every gate's weights stacked, [T, B, N]: the fused call's own output
+    where it computed every gate (no copy, and no T slices to gather again in backward)."""
     groups: dict[Any, list[int]] = {}
     for i, gate in enumerate(gates):
         groups.setdefault(_batch_key(gate), []).append(i)
@@ -210,15 +218,18 @@ def forward_gates(gates: Sequence[Gate], x_BD: torch.Tensor) -> list[GateOutput]
             for i in members:
                 outs[i] = gates[i](x_BD)
             continue
-        for i, out in zip(members, _fused([gates[i] for i in members], x_BD, *key[3:])):
+        group_outs, weights_TBN = _fused([gates[i] for i in members], x_BD, *key[3:])
+        if len(members) == len(gates):  # one fused call computed them all, in order
+            return group_outs, weights_TBN
+        for i, out in zip(members, group_outs):
             outs[i] = out
-    return outs  # type: ignore[return-value]
+    return outs, torch.stack([o.weights for o in outs])  # type: ignore[union-attr]
 
 
 def fused_forward(gate: DSelectKGate, x_BD: torch.Tensor) -> GateOutput:
     """gate(x) for one per-example gate through _DSelectKFunction (DSelectKGate's hook)."""
     key = _batch_key(gate)
-    return _fused([gate], x_BD, *key[3:])[0]
+    return _fused([gate], x_BD, *key[3:])[0][0]
 
 
 def _fused(
@@ -227,13 +238,16 @@ def _fused(
     with_entropy: bool,
     with_reach: bool,
     hard: bool = False,
-) -> list[GateOutput]:
+) -> tuple[list[GateOutput], torch.Tensor]:
     """The GateOutputs of the reference forward (weights, aux_loss, stats) for gates of one
-    shape, in one _DSelectKFunction call."""
+    shape, in one _DSelectKFunction call, and their weights [T, B, N]."""
     g0 = gates[0]
-    # u = Z / gamma + 1/2 folded into each map, as the reference does
-    w = torch.stack([g.proj.weight * g.fold_scale[:, None] for g in gates])
-    b = torch.stack([g.proj.bias * g.fold_scale + g.fold_shift for g in gates])
+    # u = Z / gamma + 1/2 folded into each map, as the reference does (stacked once for all)
+    scale = torch.stack([g.fold_scale for g in gates])  # [T, H]
+    w = torch.stack([g.proj.weight for g in gates]) * scale.unsqueeze(-1)
+    b = torch.stack([g.proj.bias for g in gates]) * scale + torch.stack(
+        [g.fold_shift for g in gates]
+    )
     weights_TBN, ent_T, reach_T, u = _DSelectKFunction.apply(
         x_BD,
         w,
@@ -247,18 +261,19 @@ def _fused(
         hard,
     )
     u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
-    outs = []
-    for t, gate in enumerate(gates):
-        lam = gate.current_entropy_reg()
-        aux = x_BD.new_zeros(())
-        if with_entropy:
-            aux = aux + lam * ent_T[t]
-        if with_reach:
-            aux = aux + reach_T[t]
-        outs.append(
-            GateOutput(weights=weights_TBN[t], aux_loss=aux, stats_fn=_stats(gate, u_TKMB[t], lam))
-        )
-    return outs
+    lams = [gate.current_entropy_reg() for gate in gates]
+    if with_entropy or with_reach:  # every gate's regulariser at once
+        aux_T = torch.stack(lams) * ent_T if with_entropy else reach_T
+        if with_entropy and with_reach:
+            aux_T = aux_T + reach_T
+        aux = list(aux_T.unbind())
+    else:
+        aux = [x_BD.new_zeros(())] * len(gates)
+    outs = [
+        GateOutput(weights=weights_TBN[t], aux_loss=aux[t], stats_fn=_stats(gate, u_TKMB[t], lam))
+        for t, (gate, lam) in enumerate(zip(gates, lams))
+    ]
+    return outs, weights_TBN
 
 
 def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: torch.Tensor):

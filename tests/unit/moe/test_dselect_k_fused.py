@@ -10,7 +10,7 @@ import torch
 
 from recsys_moe.moe.gates import DSelectKGate, SoftmaxGate
 from recsys_moe.moe.gates import dselect_k_fused as fused_module
-from recsys_moe.moe.gates.dselect_k_fused import forward_gates
+from recsys_moe.moe.gates.dselect_k_fused import forward_gates, stacked_forward_gates
 
 B, D = 37, 6
 
@@ -160,3 +160,35 @@ def test_static_gates_keep_the_reference_path():
 def test_unknown_kernel_names_the_key():
     with pytest.raises(ValueError, match=r"model\.gate\.kernel \(triton\) must be"):
         DSelectKGate(8, D, kernel="triton")
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_stacked_weights_are_the_gates_own_with_the_same_gradients(mixed):
+    """stacked_forward_gates hands the layer every gate's weights as one [T, B, N] tensor: the
+    fused call's output where it computed all the gates, a stack where another gate runs on its
+    own; either way the same values and gradients as stacking the GateOutputs' weights."""
+    gates = [_pair(6, 2, entropy_reg=0.3, kernel="fused")[1] for _ in range(3)]
+    with torch.no_grad():
+        for i, gate in enumerate(gates):
+            gate.proj.weight.mul_(1.0 + i)
+    if mixed:
+        gates.insert(1, SoftmaxGate(6, D))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, D, generator=g)
+    up = torch.randn(len(gates), B, 6, generator=g)
+
+    def run(stacked: bool):
+        xg = x.clone().requires_grad_()
+        outs, w = stacked_forward_gates(gates, xg)
+        if not stacked:
+            w = torch.stack([o.weights for o in outs])
+        ((w * up).sum() + sum(o.aux_loss for o in outs)).backward()
+        grads = [p.grad.clone() for gate in gates for p in gate.parameters()]
+        for gate in gates:
+            gate.zero_grad(set_to_none=True)
+        return [w.detach(), xg.grad, *grads]
+
+    for gate in gates:
+        gate.train()
+    for got, want in zip(run(stacked=True), run(stacked=False), strict=True):
+        assert torch.equal(got, want)
