@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_moe.config.schema import DataConfig, ModelConfig
 from recsys_moe.modules.embeddings import build_embedding_bags
-from recsys_moe.modules.mlp import MLP
+from recsys_moe.modules.mlp import MLP, task_mlps
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.gates import GateOutput, build_gate
 from recsys_moe.moe.layer import MultiTaskMoE
@@ -126,8 +126,5 @@ class MultiTaskRanker(nn.Module):
             parts.append(self.bottom(dense))  # [B, bottom[-1]]
         x_BD = torch.cat(parts, dim=1)
         moe = self.moe(x_BD)
-        raw_BT = torch.cat(
-            [head(tower(moe.y[t])) for t, (tower, head) in enumerate(zip(self.towers, self.heads))],
-            dim=1,
-        )
+        raw_BT = task_mlps(moe.y, self.towers, self.heads)  # every task's tower and head at once
         return RankerOutput(raw_BT, moe.aux_loss, moe.gates, moe.stats)
