@@ -258,18 +258,28 @@ class DSelectKGate(Gate):
         ramp = min(max(since / warmup, 0.0), 1.0) if warmup > 0 else float(since >= 0)
         return self.entropy_reg * ramp
 
+    def entropy_reg_now(self) -> float:
+        """lambda now, on the host: entropy_reg_at the position of set_train_progress, or of the
+        buffers a checkpoint loaded (only the first call after load_state_dict reads them: a
+        host sync; set_train_progress never needs one)."""
+        if self._progress is None:
+            self._progress = (int(self.train_step), int(self.total_steps))
+        return self.entropy_reg_at(*self._progress)
+
     def current_entropy_reg(self) -> torch.Tensor:
-        """lambda now (entropy_reg_at the position of set_train_progress, or of the buffers a
-        checkpoint loaded), as a float64 device tensor made once per position: the schedule is
-        host arithmetic, not a dozen device ops per forward. Only the first call after
-        load_state_dict reads the buffers (a host sync); set_train_progress never does."""
+        """entropy_reg_now as a float64 device tensor, made once per position: the schedule is
+        host arithmetic, not a dozen device ops per forward."""
         device = self.train_step.device
         if self._lam is None or self._lam.device != device:
-            if self._progress is None:
-                self._progress = (int(self.train_step), int(self.total_steps))
-            lam = self.entropy_reg_at(*self._progress)
-            self._lam = torch.tensor(lam, dtype=torch.float64, device=device)
+            self._lam = torch.tensor(self.entropy_reg_now(), dtype=torch.float64, device=device)
         return self._lam
+
+    @property
+    def entropy_on(self) -> bool:
+        """Whether this forward computes the entropy term: in training, while lambda > 0. At
+        lambda = 0 the term adds lambda * H = 0 and no gradient, so H is not computed (the
+        first half of the default schedule)."""
+        return self.training and self.entropy_reg > 0 and self.entropy_reg_now() > 0
 
     def forward(self, x_BD: torch.Tensor) -> GateOutput:
         if self.per_example and self.kernel != "reference":
@@ -291,9 +301,11 @@ class DSelectKGate(Gate):
         aux = x_BD.new_zeros(())
         lam = self.current_entropy_reg()
         if self.training:
-            if self.entropy_reg > 0:
+            if self.entropy_on:
                 # mean over the batch (the reference sums), of the sum over the K selectors
                 aux = aux + lam * entropy(r).sum(-1).mean()
+            elif self.entropy_reg > 0:
+                aux = aux + lam  # lambda * H at lambda = 0: zero, in lambda's dtype as above
             if not self.power_of_two:
                 # + REACH_EPS: finite even when a selector saturates on an unreachable code
                 aux = aux + (1.0 / (r.sum(-1) + REACH_EPS)).sum(-1).mean()

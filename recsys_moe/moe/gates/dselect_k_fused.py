@@ -71,8 +71,9 @@ def forward_math(
 ):
     """lin [T, H, B] (per gate, rows [0, K*M): u before the clamp; [K*M, H): mixing logits) ->
     (w [T, B, N], entropy [T] and reachability [T] summed over selectors and averaged over the
-    batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B]). hard: s is S rounded (u >= 1/2), the
-    gate's hard_inference; u stays the soft one."""
+    batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B], and with_entropy the derivative of
+    -r log(r + eps) in r, [T, K, N, B], for backward, else None). hard: s is S rounded
+    (u >= 1/2), the gate's hard_inference; u stays the soft one."""
     t, _, b = lin_THB.shape
     km = k * m
     u = lin_THB[:, :km].clamp(0.0, 1.0).reshape(t * k, m, b)
@@ -81,9 +82,14 @@ def forward_math(
     mix = torch.softmax(lin_THB[:, km:], dim=1)  # over each gate's K selectors
     w_TBN = (mix.unsqueeze(2) * r).sum(1).transpose(1, 2).contiguous()
     zeros = lin_THB.new_zeros(t)
-    ent = -(r * torch.log(r + ENTROPY_EPS)).sum((1, 2, 3)) / b if with_entropy else zeros
+    ent, d_ent = zeros, None
+    if with_entropy:  # its backward's passes over [T, K, N, B] made here, from what is at hand
+        r_eps = r + ENTROPY_EPS
+        log_r = torch.log(r_eps)
+        ent = -(r * log_r).sum((1, 2, 3)) / b
+        d_ent = log_r + r / r_eps  # -d(-r log(r + eps))/dr
     reach = (1.0 / (r.sum(2) + REACH_EPS)).sum((1, 2)) / b if with_reach else zeros
-    return w_TBN, ent, reach, u, s, mix
+    return w_TBN, ent, reach, u, s, mix, d_ent
 
 
 def backward_math(
@@ -93,11 +99,12 @@ def backward_math(
     u: torch.Tensor,
     s: torch.Tensor,
     mix: torch.Tensor,
+    d_ent: Optional[torch.Tensor],
     n: int,
-    with_entropy: bool,
     with_reach: bool,
 ) -> torch.Tensor:
-    """The gradient of the affine outputs, [T, H, B], from those of forward_math's outputs."""
+    """The gradient of the affine outputs, [T, H, B], from those of forward_math's outputs
+    (d_ent: forward_math's entropy derivative, None without the entropy term)."""
     tk, m, b = u.shape
     t, k = mix.shape[:2]
     prefixes = _codes(s)
@@ -106,9 +113,8 @@ def backward_math(
     g_mix = (g_TNB.unsqueeze(1) * r).sum(2)  # [T, K, B]
     g_alpha = mix * (g_mix - (mix * g_mix).sum(1, keepdim=True))  # softmax backward
     G = mix.unsqueeze(2) * g_TNB.unsqueeze(1)  # dL/dr [T, K, N, B]
-    if with_entropy:  # d(-r log(r + eps))/dr
-        scale = (grad_ent_T / b).view(t, 1, 1, 1)
-        G = G - scale * (torch.log(r + ENTROPY_EPS) + r / (r + ENTROPY_EPS))
+    if d_ent is not None:  # d(-r log(r + eps))/dr = -d_ent
+        G = torch.addcmul(G, (grad_ent_T / b).view(t, 1, 1, 1), d_ent, value=-1.0)
     if with_reach:
         scale = (grad_reach_T / b).view(t, 1, 1, 1)
         G = G - scale / (r.sum(2, keepdim=True) + REACH_EPS) ** 2
@@ -153,19 +159,19 @@ class _DSelectKFunction(torch.autograd.Function):
     def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, compiled, hard):
         t, h, d = w_THD.shape
         lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
-        w_TBN, ent, reach, u, s, mix = _run(
+        w_TBN, ent, reach, u, s, mix, d_ent = _run(
             compiled, 0, lin.view(t, h, x_BD.shape[0]), k, m, n, with_entropy, with_reach, hard
         )
-        ctx.save_for_backward(x_BD, w_THD, u, s, mix)
-        ctx.options = (n, with_entropy, with_reach, compiled, hard)
+        ctx.save_for_backward(x_BD, w_THD, u, s, mix, d_ent)
+        ctx.options = (n, with_reach, compiled, hard)
         ctx.mark_non_differentiable(u)
         return w_TBN, ent, reach, u
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_w_TBN, grad_ent, grad_reach, _grad_u):
-        x_BD, w_THD, u, s, mix = ctx.saved_tensors
-        n, with_entropy, with_reach, compiled, hard = ctx.options
+        x_BD, w_THD, u, s, mix, d_ent = ctx.saved_tensors
+        n, with_reach, compiled, hard = ctx.options
         if hard:  # rounded selectors: S is a step, flat almost everywhere; alpha still mixes
             u = torch.where((u > 0.0) & (u < 1.0), s, u)  # saturated there: 6u(1 - u) = 0
         g_THB = _run(
@@ -177,8 +183,8 @@ class _DSelectKFunction(torch.autograd.Function):
             u,
             s,
             mix,
+            d_ent,
             n,
-            with_entropy,
             with_reach,
         )
         t, h, d = w_THD.shape
@@ -193,7 +199,7 @@ def _batch_key(gate: Gate):
     """Gates with equal keys run as one call; None: this gate takes its own forward."""
     if not (isinstance(gate, DSelectKGate) and gate.per_example and gate.kernel != "reference"):
         return None
-    with_entropy = gate.training and gate.entropy_reg > 0
+    with_entropy = gate.entropy_on  # training, lambda > 0 now
     with_reach = gate.training and not gate.power_of_two
     return (gate.k, gate.num_experts, gate.kernel, with_entropy, with_reach, gate.hard)
 
@@ -262,11 +268,14 @@ def _fused(
     )
     u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
     lams = [gate.current_entropy_reg() for gate in gates]
-    if with_entropy or with_reach:  # every gate's regulariser at once
-        aux_T = torch.stack(lams) * ent_T if with_entropy else reach_T
-        if with_entropy and with_reach:
-            aux_T = aux_T + reach_T
-        aux = list(aux_T.unbind())
+    # every gate's regulariser at once; at lambda = 0 (entropy off) lambda * H is lambda itself
+    parts = []
+    if g0.training and g0.entropy_reg > 0:
+        parts.append(torch.stack(lams) * ent_T if with_entropy else torch.stack(lams))
+    if with_reach:
+        parts.append(reach_T)
+    if parts:
+        aux = list((parts[0] + parts[1] if len(parts) == 2 else parts[0]).unbind())
     else:
         aux = [x_BD.new_zeros(())] * len(gates)
     outs = [

@@ -192,3 +192,19 @@ def test_stacked_weights_are_the_gates_own_with_the_same_gradients(mixed):
         gate.train()
     for got, want in zip(run(stacked=True), run(stacked=False), strict=True):
         assert torch.equal(got, want)
+
+
+def test_before_the_entropy_schedule_starts_its_term_is_not_computed_and_changes_nothing():
+    """lambda = 0 (the first half of the default schedule): the entropy term is skipped in both
+    kernels (lambda * H = 0, no gradient), with the values, gradients and aux dtype of before."""
+    ref, fused = _pair(8, 2, entropy_reg=0.5, kernel="fused")
+    for g in (ref, fused):
+        g.entropy_start_fraction = 0.5
+        g.set_train_progress(4, 10)  # lambda starts at step 5
+        g.train()
+    assert not fused.entropy_on and fused_module._batch_key(fused)[3] is False
+    _assert_equal(ref, fused, train=True)
+    out = fused(torch.randn(B, D))
+    assert out.aux_loss.item() == 0.0 and out.aux_loss.dtype == torch.float64
+    fused.set_train_progress(5, 10)
+    assert fused.entropy_on and fused_module._batch_key(fused)[3] is True
