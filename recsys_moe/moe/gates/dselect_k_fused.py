@@ -10,9 +10,10 @@ test_dselect_k_fused.py checks them in float64), computed differently:
   elementwise pass runs over B contiguous values; the reference's [B, K, M] and [B, K, N]
   layouts have innermost dims of 2 to 16 that neither eager kernels nor inductor vectorise well;
 - a hand-written backward: autograd's replay of the reference keeps and revisits every
-  intermediate of the Kronecker product (about 20 passes forward, 40 backward); here backward
-  rebuilds the small prefix products r(s_0..s_{j-1}) and walks the code tree back once, and the
-  affine map's gradients are two GEMMs on the [H, B] gradient;
+  intermediate of the Kronecker product (about 20 passes forward, 40 backward); here forward
+  keeps the prefix products r(s_0..s_{j-1}) (together about the size of r) and, while the
+  entropy term is on, its derivative in r; backward walks the code tree back once from them,
+  and the affine map's gradients are two GEMMs on the [H, B] gradient;
 - the T tasks' gates of a layer run as one call (forward_gates): one GEMM for all their affine
   maps and every elementwise pass over all their selectors, instead of T calls of small passes
   (at the default job's batch of 512, per-call overhead is most of a gate's time);
@@ -72,13 +73,15 @@ def forward_math(
     """lin [T, H, B] (per gate, rows [0, K*M): u before the clamp; [K*M, H): mixing logits) ->
     (w [T, B, N], entropy [T] and reachability [T] summed over selectors and averaged over the
     batch, u [T*K, M, B], s [T*K, M, B], mix [T, K, B], and with_entropy the derivative of
-    -r log(r + eps) in r, [T, K, N, B], for backward, else None). hard: s is S rounded
-    (u >= 1/2), the gate's hard_inference; u stays the soft one."""
+    -r log(r + eps) in r, [T, K, N, B], for backward, else None; the prefix products R_0 ..
+    R_M of the codes, for backward). hard: s is S rounded (u >= 1/2), the gate's
+    hard_inference; u stays the soft one."""
     t, _, b = lin_THB.shape
     km = k * m
     u = lin_THB[:, :km].clamp(0.0, 1.0).reshape(t * k, m, b)
     s = (u >= 0.5).to(u.dtype) if hard else cubic(u)  # smooth_step
-    r = _codes(s)[-1][:, :n].reshape(t, k, n, b)
+    prefixes = _codes(s)
+    r = prefixes[-1][:, :n].reshape(t, k, n, b)
     mix = torch.softmax(lin_THB[:, km:], dim=1)  # over each gate's K selectors
     w_TBN = (mix.unsqueeze(2) * r).sum(1).transpose(1, 2).contiguous()
     zeros = lin_THB.new_zeros(t)
@@ -89,7 +92,7 @@ def forward_math(
         ent = -(r * log_r).sum((1, 2, 3)) / b
         d_ent = log_r + r / r_eps  # -d(-r log(r + eps))/dr
     reach = (1.0 / (r.sum(2) + REACH_EPS)).sum((1, 2)) / b if with_reach else zeros
-    return w_TBN, ent, reach, u, s, mix, d_ent
+    return w_TBN, ent, reach, u, s, mix, d_ent, prefixes
 
 
 def backward_math(
@@ -100,14 +103,15 @@ def backward_math(
     s: torch.Tensor,
     mix: torch.Tensor,
     d_ent: Optional[torch.Tensor],
+    prefixes: Sequence[torch.Tensor],
     n: int,
     with_reach: bool,
 ) -> torch.Tensor:
     """The gradient of the affine outputs, [T, H, B], from those of forward_math's outputs
-    (d_ent: forward_math's entropy derivative, None without the entropy term)."""
+    (d_ent: forward_math's entropy derivative, None without the entropy term; prefixes: its
+    prefix products of the codes)."""
     tk, m, b = u.shape
     t, k = mix.shape[:2]
-    prefixes = _codes(s)
     r = prefixes[-1][:, :n].reshape(t, k, n, b)
     g_TNB = grad_w_TBN.transpose(1, 2).contiguous()  # batch last, as everything else here
     g_mix = (g_TNB.unsqueeze(1) * r).sum(2)  # [T, K, B]
@@ -159,10 +163,10 @@ class _DSelectKFunction(torch.autograd.Function):
     def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, compiled, hard):
         t, h, d = w_THD.shape
         lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
-        w_TBN, ent, reach, u, s, mix, d_ent = _run(
+        w_TBN, ent, reach, u, s, mix, d_ent, prefixes = _run(
             compiled, 0, lin.view(t, h, x_BD.shape[0]), k, m, n, with_entropy, with_reach, hard
         )
-        ctx.save_for_backward(x_BD, w_THD, u, s, mix, d_ent)
+        ctx.save_for_backward(x_BD, w_THD, u, s, mix, d_ent, *prefixes)
         ctx.options = (n, with_reach, compiled, hard)
         ctx.mark_non_differentiable(u)
         return w_TBN, ent, reach, u
@@ -170,7 +174,7 @@ class _DSelectKFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_w_TBN, grad_ent, grad_reach, _grad_u):
-        x_BD, w_THD, u, s, mix, d_ent = ctx.saved_tensors
+        x_BD, w_THD, u, s, mix, d_ent, *prefixes = ctx.saved_tensors
         n, with_reach, compiled, hard = ctx.options
         if hard:  # rounded selectors: S is a step, flat almost everywhere; alpha still mixes
             u = torch.where((u > 0.0) & (u < 1.0), s, u)  # saturated there: 6u(1 - u) = 0
@@ -184,6 +188,7 @@ class _DSelectKFunction(torch.autograd.Function):
             s,
             mix,
             d_ent,
+            prefixes,
             n,
             with_reach,
         )
