@@ -28,7 +28,10 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
 
 Ratios (goals of issue 12): trainer_vs_bare_loop = bare_loop_scheduled time / trainer time
 (>= 0.95),
-moe_trunk_vs_flop_matched_dlrm = model step / DLRM step (<= 1.15),
+moe_trunk_vs_flop_matched_dlrm = model step / DLRM step (<= 1.15), and the same from
+--interleaved-steps steps of the bare loop and the DLRM alternated one by one
+(`moe_trunk_vs_flop_matched_dlrm_stepwise`: medians of single steps, whose quartiles are
+tighter on a shared machine than those of rounds of whole loops),
 batch_8192_vs_512_samples_per_sec (>= 1.0), dselect_k_step_vs_softmax_step (<= 1.0). Each is the
 ratio of the arms' medians; `spread` gives the quartiles of the per-round ratios.
 
@@ -160,13 +163,32 @@ class BareLoop:
 
     def __call__(self) -> None:
         self.model.train()  # an evaluation in between leaves it in eval mode
-        for step, batch in enumerate(self.batches):
-            if self.progress is not None:
-                self.progress(step, len(self.batches))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss, _ = self.forward(batch)
-            loss.backward()
-            self.optimizer.step()
+        for step in range(len(self.batches)):
+            self.step(step)
+
+    def step(self, step: int) -> None:
+        """One optimizer step on batch `step` (the model in training mode)."""
+        if self.progress is not None:
+            self.progress(step, len(self.batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = self.forward(self.batches[step])
+        loss.backward()
+        self.optimizer.step()
+
+
+def interleaved_steps(loops: dict[str, BareLoop], steps: int) -> dict[str, list[float]]:
+    """Seconds per step of every loop, their steps alternated one by one (batch i of each, in
+    turn): a neighbour's burst of a few seconds, which can slow one arm of a round of whole
+    loops, here slows the steps of all arms alike."""
+    for loop in loops.values():
+        loop.model.train()
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for i in range(steps):
+        for name, loop in loops.items():
+            t0 = time.perf_counter()
+            loop.step(i % len(loop.batches))
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 class DLRMTrain(nn.Module):
@@ -363,6 +385,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     setup = {"trainer": fresh_trainer, "bare_loop_scheduled": fresh_bare_loop}
     times = measure(arms, args.rounds, warmup=1, setup=setup)
+    stepwise = interleaved_steps(
+        {"bare_loop": arms["bare_loop"], "dlrm": arms["dlrm"]}, args.interleaved_steps
+    )
     # where the gate schedule took the trainer and its bare counterpart by their last step
     paths["trainer_at_end"] = moe_path(current["trainer"], bare.batches[-1])
     paths["bare_loop_scheduled_at_end"] = moe_path(current["bare"], bare.batches[-1])
@@ -379,6 +404,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "trainer_with_eval_vs_bare_loop": (med["bare_loop_scheduled"] / 1000.0 / args.steps)
         / (per_step_trainer + eval_per_step),
         "moe_trunk_vs_flop_matched_dlrm": med["bare_loop"] / med["dlrm"],
+        "moe_trunk_vs_flop_matched_dlrm_stepwise": statistics.median(stepwise["bare_loop"])
+        / statistics.median(stepwise["dlrm"]),
         "batch_8192_vs_512_samples_per_sec": sps_big / sps_512,
         "dselect_k_step_vs_softmax_step": med["dselect_k_n16"] / med["softmax_n16"],
     }
@@ -388,6 +415,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             times["trainer"], times["bare_loop_scheduled"], invert=True
         ),
         "moe_trunk_vs_flop_matched_dlrm": _spread(times["bare_loop"], times["dlrm"]),
+        "moe_trunk_vs_flop_matched_dlrm_stepwise": _spread(stepwise["bare_loop"], stepwise["dlrm"]),
         "batch_8192_vs_512_samples_per_sec": [
             scale * r for r in _spread(times["batch_8192"], times["bare_loop"], invert=True)
         ],
@@ -425,6 +453,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--steps", type=int, default=128, help="steps per arm and round (batch 512)")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument(
+        "--interleaved-steps",
+        type=int,
+        default=256,
+        help="steps of the model and of the DLRM alternated one by one (the _stepwise ratio)",
+    )
     p.add_argument("--threads", type=int, default=threads_per_rank())
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--big-batch", type=int, default=8192)

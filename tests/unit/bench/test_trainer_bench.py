@@ -53,12 +53,44 @@ def test_a_tiny_run_reports_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     report = main(
         ["--steps", "2", "--rounds", "1", "--batch", "64", "--big-batch", "128", "--threads", "1"]
-        + ["--eval-rows", "256", "--row-group", "128", "--out", str(out)]
+        + [
+            "--eval-rows",
+            "256",
+            "--row-group",
+            "128",
+            "--interleaved-steps",
+            "3",
+            "--out",
+            str(out),
+        ]
     )
     assert json.loads(out.read_text())["ratios"] == report["ratios"]
     assert not dist.is_initialized()  # its process group is gone with it
     assert set(GOALS) <= set(report["ratios"]) and all(v > 0 for v in report["ratios"].values())
+    assert "moe_trunk_vs_flop_matched_dlrm_stepwise" in report["ratios"]
     paths = report["moe_path"]
     assert paths["bare_loop"]["sparse"] == 0.0  # fresh gates: every expert, the dense path
     assert paths["dselect_k_n16"]["sparse"] == 1.0 and paths["softmax_n16"]["sparse"] == 0.0
     assert paths["trainer_at_end"]["sparse"] == paths["bare_loop_scheduled_at_end"]["sparse"]
+
+
+def test_interleaved_steps_alternate_the_loops_step_by_step():
+    from recsys_moe.bench.trainer import BareLoop, interleaved_steps
+
+    calls = []
+
+    def loop(name, batches):
+        model = torch.nn.Linear(2, 1)
+
+        def forward(batch):
+            calls.append((name, int(batch[0, 0])))
+            return model(batch).sum(), None
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return BareLoop(model, opt, batches, forward)
+
+    a = loop("a", [torch.full((1, 2), float(i)) for i in range(3)])
+    b = loop("b", [torch.full((1, 2), float(i)) for i in range(2)])
+    times = interleaved_steps({"a": a, "b": b}, 4)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 0), ("a", 0), ("b", 1)]
+    assert [len(t) for t in times.values()] == [4, 4]
