@@ -268,10 +268,12 @@ class DSelectKGate(Gate):
 
     def current_entropy_reg(self) -> torch.Tensor:
         """entropy_reg_now as a float64 device tensor, made once per position: the schedule is
-        host arithmetic, not a dozen device ops per forward."""
+        host arithmetic, not a dozen device ops per forward. Made by a fill on the device (no
+        host-to-device copy, which would wait for the device's stream)."""
         device = self.train_step.device
         if self._lam is None or self._lam.device != device:
-            self._lam = torch.tensor(self.entropy_reg_now(), dtype=torch.float64, device=device)
+            lam = self.entropy_reg_now()
+            self._lam = torch.full((), lam, dtype=torch.float64, device=device)
         return self._lam
 
     @property
