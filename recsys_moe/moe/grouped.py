@@ -160,14 +160,17 @@ class _ExpertMLP(torch.autograd.Function):
         num_layers = len(params) // 2
         ws, bs = params[:num_layers], params[num_layers:]
         num_experts = ws[0].shape[0]
-        grouped = counts is not None
-        lead = () if grouped else (num_experts,)
+        lead = () if counts is not None else (num_experts,)
         acts = [x.new_empty(*lead, x.shape[0], w.shape[2]) for w in ws]
-        for e, rows in _expert_rows(num_experts, counts, x.shape[0]):
-            h = x[rows]
+        # per-expert views made once per tensor (one unbind or split, not a select per use)
+        n = num_experts
+        w_e, b_e = [w.unbind(0) for w in ws], [b.unbind(0) for b in bs]
+        a_e, x_e = [_per_expert(a, counts, n) for a in acts], _per_expert(x, counts, n)
+        for e in _experts(num_experts, counts):
+            h = x_e[e]
             for layer in range(num_layers):
-                out = acts[layer][rows] if grouped else acts[layer][e]
-                torch._addmm_activation(bs[layer][e], h, ws[layer][e], out=out)
+                out = a_e[layer][e]
+                torch._addmm_activation(b_e[layer][e], h, w_e[layer][e], out=out)
                 h = out
         ctx.counts = counts
         ctx.num_layers = num_layers
@@ -181,44 +184,55 @@ class _ExpertMLP(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         ws, acts = rest[:num_layers], rest[num_layers:]
         num_experts, grouped = ws[0].shape[0], counts is not None
+        n = num_experts
         # experts without rows (grouped) keep zero gradients
         new = torch.zeros_like if grouped else torch.empty_like
         grad_ws = [new(w) for w in ws]
         grad_bs = [w.new_zeros(num_experts, w.shape[2]) for w in ws]
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        for e, rows in _expert_rows(num_experts, counts, x.shape[0]):
-            act = [a[rows] if grouped else a[e] for a in acts]
-            g = torch.ops.aten.threshold_backward(
-                grad_out[rows] if grouped else grad_out[e], act[-1], 0.0
-            )
+        # per-expert views, each made once: activations, their transposes (the weight
+        # gradients' left operands), the weights' transposes and the gradient buffers
+        a_e = [_per_expert(a, counts, n) for a in acts]
+        at_e = [_per_expert(x, counts, n, transpose=True)]
+        at_e += [_per_expert(a, counts, n, transpose=True) for a in acts[:-1]]
+        wt_e = [w.transpose(1, 2).unbind(0) for w in ws]
+        gw_e, gb_e = [g.unbind(0) for g in grad_ws], [g.unbind(0) for g in grad_bs]
+        go_e = _per_expert(grad_out, counts, n)
+        gx_e = _per_expert(grad_x, counts, n) if grad_x is not None and grouped else None
+        for e in _experts(num_experts, counts):
+            g = torch.ops.aten.threshold_backward(go_e[e], a_e[-1][e], 0.0)
             for layer in range(num_layers - 1, -1, -1):
-                inp = act[layer - 1] if layer else x[rows]
-                torch.mm(inp.t(), g, out=grad_ws[layer][e])
-                torch.sum(g, 0, out=grad_bs[layer][e])
+                torch.mm(at_e[layer][e], g, out=gw_e[layer][e])
+                torch.sum(g, 0, out=gb_e[layer][e])
                 if layer:  # the gradient before the previous layer's ReLU, in place (ours)
-                    g_in = torch.mm(g, ws[layer][e].t())
+                    g_in = torch.mm(g, wt_e[layer][e])
                     g = torch.ops.aten.threshold_backward.grad_input(
-                        g_in, act[layer - 1], 0.0, grad_input=g_in
+                        g_in, a_e[layer - 1][e], 0.0, grad_input=g_in
                     )
+                elif gx_e is not None:
+                    torch.mm(g, wt_e[0][e], out=gx_e[e])
                 elif grad_x is not None:
-                    if grouped:
-                        torch.mm(g, ws[0][e].t(), out=grad_x[rows])
-                    else:
-                        grad_x.addmm_(g, ws[0][e].t())
+                    grad_x.addmm_(g, wt_e[0][e])
         return (grad_x, None, *grad_ws, *grad_bs)
 
 
-def _expert_rows(num_experts: int, counts: Optional[list[int]], num_rows: int):
-    """(expert, its rows) for every expert with rows: all rows (shared input) or its group."""
+def _per_expert(
+    t: torch.Tensor, counts: Optional[list[int]], num_experts: int, transpose: bool = False
+) -> Sequence[torch.Tensor]:
+    """Expert e's view of t (transposed: of its last two dims) at index e: t [N, rows, W] (or
+    [rows, W] shared by every expert, counts None) or t [P, W] grouped by expert (counts)."""
+    if counts is not None:
+        return t.t().split(counts, dim=1) if transpose else t.split(counts)
+    if t.dim() == 2:  # the shared input: the same rows for every expert
+        return [t.t() if transpose else t] * num_experts
+    return (t.transpose(1, 2) if transpose else t).unbind(0)
+
+
+def _experts(num_experts: int, counts: Optional[list[int]]) -> list[int]:
+    """The experts with rows: all (shared input) or those with a nonempty group."""
     if counts is None:
-        for e in range(num_experts):
-            yield e, slice(0, num_rows)
-        return
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            yield e, slice(start, start + c)
-        start += c
+        return list(range(num_experts))
+    return [e for e, c in enumerate(counts) if c]
 
 
 def expert_mlp(
