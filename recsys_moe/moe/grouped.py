@@ -106,15 +106,10 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_PI, w_NIO, b_NO, counts: list[int], relu: bool):
         out = x_PI.new_empty(x_PI.shape[0], w_NIO.shape[2])
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                rows = slice(start, start + c)
-                if relu:
-                    torch._addmm_activation(b_NO[e], x_PI[rows], w_NIO[e], out=out[rows])
-                else:
-                    torch.addmm(b_NO[e], x_PI[rows], w_NIO[e], out=out[rows])
-            start += c
+        x_e, out_e = x_PI.split(counts), out.split(counts)
+        linear = torch._addmm_activation if relu else torch.addmm
+        for e in _experts(len(counts), counts):
+            linear(b_NO[e], x_e[e], w_NIO[e], out=out_e[e])
         ctx.counts, ctx.relu = counts, relu
         ctx.save_for_backward(x_PI, w_NIO, out)
         return out
@@ -128,17 +123,16 @@ class _GroupedLinear(torch.autograd.Function):
         grad_x = x_PI.new_empty(x_PI.shape) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w_NIO) if ctx.needs_input_grad[1] else None
         grad_b = g.new_zeros(w_NIO.shape[0], w_NIO.shape[2]) if ctx.needs_input_grad[2] else None
-        start = 0
-        for e, c in enumerate(ctx.counts):
-            if c:
-                rows = slice(start, start + c)
-                if grad_x is not None:
-                    torch.mm(g[rows], w_NIO[e].t(), out=grad_x[rows])
-                if grad_w is not None:
-                    torch.mm(x_PI[rows].t(), g[rows], out=grad_w[e])
-                if grad_b is not None:
-                    torch.sum(g[rows], 0, out=grad_b[e])
-            start += c
+        counts = ctx.counts
+        g_e, x_e = g.split(counts), x_PI.split(counts)
+        gx_e = grad_x.split(counts) if grad_x is not None else None
+        for e in _experts(len(counts), counts):
+            if gx_e is not None:
+                torch.mm(g_e[e], w_NIO[e].t(), out=gx_e[e])
+            if grad_w is not None:
+                torch.mm(x_e[e].t(), g_e[e], out=grad_w[e])
+            if grad_b is not None:
+                torch.sum(g_e[e], 0, out=grad_b[e])
         return grad_x, grad_w, grad_b, None, None
 
 
