@@ -274,15 +274,12 @@ def _fused(
     u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
     lams = [gate.current_entropy_reg() for gate in gates]
     # every gate's regulariser at once; at lambda = 0 (entropy off) lambda * H is lambda itself
-    parts = []
+    aux_T: Optional[torch.Tensor] = None
     if g0.training and g0.entropy_reg > 0:
-        parts.append(torch.stack(lams) * ent_T if with_entropy else torch.stack(lams))
+        aux_T = torch.stack(lams) * ent_T if with_entropy else torch.stack(lams)
     if with_reach:
-        parts.append(reach_T)
-    if parts:
-        aux = list((parts[0] + parts[1] if len(parts) == 2 else parts[0]).unbind())
-    else:
-        aux = [x_BD.new_zeros(())] * len(gates)
+        aux_T = reach_T if aux_T is None else aux_T + reach_T
+    aux = [x_BD.new_zeros(())] * len(gates) if aux_T is None else list(aux_T.unbind())
     outs = [
         GateOutput(weights=weights_TBN[t], aux_loss=aux[t], stats_fn=_stats(gate, u_TKMB[t], lam))
         for t, (gate, lam) in enumerate(zip(gates, lams))
