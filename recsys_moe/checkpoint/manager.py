@@ -293,3 +293,6 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        if self._group is not None and dist.is_initialized():
+            dist.destroy_process_group(self._group)  # the background writer's own group
+        self._group = None

@@ -68,6 +68,8 @@ class ParallelDims:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)  # "ep", "dp" (by init)
+    # every group init() made (this rank's and the others', which every rank creates too)
+    made_groups: list[dist.ProcessGroup] = field(default_factory=list)
     owns_default_group: bool = False  # init() created the default group (close() destroys it)
 
     def __post_init__(self) -> None:
@@ -168,8 +170,9 @@ class ParallelDims:
             )
         # every rank creates every group, in the same order (torch.distributed requires it)
         for axis, ranks in self.layout().items():
-            mine, _ = dist.new_subgroups_by_enumeration(ranks, timeout=timeout)
+            mine, every = dist.new_subgroups_by_enumeration(ranks, timeout=timeout)
             self.groups[axis] = mine
+            self.made_groups += every
         log.info(
             "rank %d/%d on %s (%s): ep %d (rank %d in its group), expert replicas %d",
             self.rank,
@@ -200,6 +203,15 @@ class ParallelDims:
         return self._group("dp")
 
     def close(self) -> None:
-        if self.owns_default_group and dist.is_initialized():
-            dist.destroy_process_group()
+        """Destroys what init() made: the default group where it created it (and with it every
+        group), else only its own groups, so that a process that outlives many trainers (a
+        benchmark, a notebook, a test) does not accumulate them."""
+        if dist.is_initialized():
+            if self.owns_default_group:
+                dist.destroy_process_group()
+            else:
+                for group in self.made_groups:  # a rank's non-member placeholders are skipped
+                    dist.destroy_process_group(group)
+        self.made_groups.clear()
+        self.groups.clear()
         self.owns_default_group = False

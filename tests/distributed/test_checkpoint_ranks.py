@@ -1,5 +1,6 @@
-"""Checkpoints on gloo ranks: world 2 with ep 2 resumes exactly, and its checkpoint loads at world 1
-and at world 4 (dp 2 x ep 2) with the same eval metrics: tables and experts both move."""
+"""Checkpoints on gloo ranks: world 2 with ep 2 resumes exactly (saved in the background), and its
+checkpoint loads at world 1 and at world 4 (dp 2 x ep 2) with the same eval metrics: tables and
+experts both move."""
 
 from __future__ import annotations
 
@@ -14,21 +15,31 @@ from tests.integration.test_checkpoint import STEPS, Crash, _config, assert_same
 from tests.tests_support import run_gloo_ranks
 
 
-def _config_ep(data: str, ep: int, num_shards: int = 4):
-    cfg = _config(data)
+def _config_ep(data: str, ep: int, num_shards: int = 4, **checkpoint):
+    cfg = _config(data, **checkpoint)
     cfg.data.num_shards = num_shards  # 4: data positions that fit 1, 2 and 4 ranks
     cfg.parallel.ep_size = ep
     return cfg
 
 
 def _world2(rank: int, data: str, root: str) -> dict:
+    from torch.distributed.distributed_c10d import _world
+
+    groups = len(_world.pg_map)
     full = run(_config_ep(data, 2), Path(root) / "full")
+    # the crashed and the resumed run save in the background (their writer's own group)
     try:
-        run(_config_ep(data, 2), Path(root) / "resumed", crash_at=13)
+        run(_config_ep(data, 2, async_save=True), Path(root) / "resumed", crash_at=13)
     except Crash:
         pass
-    resumed = run(_config_ep(data, 2), Path(root) / "resumed")
-    return {"full": full, "resumed": resumed} if rank == 0 else {}
+    resumed = run(_config_ep(data, 2, async_save=True), Path(root) / "resumed")
+    # three trainers built and closed in this process: none left a group behind
+    left = len(_world.pg_map) - groups
+    return (
+        {"full": full, "resumed": resumed, "groups_left": left}
+        if rank == 0
+        else {"groups_left": left}
+    )
 
 
 def _load(rank: int, data: str, run_dir: str, ep: int, num_shards: int = 4) -> dict:
@@ -44,7 +55,9 @@ def _evals(summary: dict) -> dict:
 
 
 def test_world2_ep2_resumes_exactly_and_reshards_to_world1_and_world4(tiny_data, tmp_path):
-    out = run_gloo_ranks(_world2, 2, str(tiny_data), str(tmp_path))[0]
+    outs = run_gloo_ranks(_world2, 2, str(tiny_data), str(tmp_path))
+    assert [o["groups_left"] for o in outs] == [0, 0]
+    out = outs[0]
     got, want = losses(tmp_path / "resumed"), losses(tmp_path / "full")
     assert [s for s, _ in got] == list(range(1, STEPS + 1))
     assert got == want

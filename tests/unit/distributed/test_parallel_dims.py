@@ -50,3 +50,40 @@ def test_trainer_checks_the_degrees_before_reading_any_data(tiny_train_config, t
     cfg.data.path = str(tmp_path / "no_such_data")  # would fail first if data were read first
     with pytest.raises(ValueError, match=r"parallel.ep_size \(3\) must divide the world size"):
         Trainer(cfg, tmp_path)
+
+
+def _groups_made_and_destroyed(rank: int, ep: int) -> dict[str, object]:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
+
+    before = len(_world.pg_map)
+    dims = ParallelDims(world_size=2, ep=ep, rank=rank).init("cpu", timeout_s=60)
+    made = len(_world.pg_map)
+    t = torch.ones(1)
+    dist.all_reduce(t, group=dims.ep_group)
+    dist.all_reduce(t, group=dims.dp_group)
+    dims.close()
+    dims.close()  # twice: nothing left to destroy
+    after = len(_world.pg_map)
+    dist.all_reduce(t)  # the default group, not dims', is still usable
+    return {
+        "before": before,
+        "made": made,
+        "after": after,
+        "sum": float(t),
+        "owns": dims.owns_default_group,
+    }
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_close_destroys_the_groups_it_made_and_keeps_the_default_group(ep):
+    from tests.tests_support import run_gloo_ranks
+
+    for rank, r in enumerate(run_gloo_ranks(_groups_made_and_destroyed, 2, ep)):
+        # init made this rank's two groups (of the other rank's one-rank group it holds only a
+        # placeholder): both gone after close; the default group, not its own, still reduces
+        # (1 -> x2 over the two-rank group -> x2 over the world)
+        assert r["made"] == r["before"] + 2, (rank, r)
+        assert r["after"] == r["before"], (rank, r)
+        assert r["sum"] == 4.0 and r["owns"] is False
