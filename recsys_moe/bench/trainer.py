@@ -15,9 +15,9 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
   schedule, as the trainer), zero_grad, forward, backward, step; like the trainer it ends on
   the sparse expert path once the entropy weight has saturated the gates
   (`moe_path.*_at_end`);
-- bare_loop: the same loop on one model across rounds with the entropy weight kept at 0 (its
-  terms are computed all the same): the dense expert path, every expert on every example, as
-  the FLOP-matched DLRM assumes. Every arm trains in training mode at trainer.precision (the
+- bare_loop: the same loop on one model across rounds with the entropy weight kept at 0 (the
+  gates skip its term, as in the first half of the default schedule): the dense expert path,
+  every expert on every example, as the FLOP-matched DLRM assumes. Every arm trains in training mode at trainer.precision (the
   DLRM under the same autocast);
 - dlrm: TorchRec's DLRM over the same tables, same optimizers and loss, its over-arch
   [W, W, W/2, T] sized so that its multiply-adds per example match the MoE trunk's (every expert
