@@ -37,9 +37,25 @@ class MLP(nn.Sequential):
         return super().forward(x)
 
 
+class _StackParams(torch.autograd.Function):
+    """torch.stack of parameters whose gradients come back in the parameters' own (row-major)
+    layout. The batched GEMM's weight gradient is a transposed view; torch.stack's backward
+    would hand each parameter a strided slice of it, which AccumulateGrad copies anyway, and a
+    [1, I] head's slice keeps strides (1, 1), which DDP flags ("Grad strides do not match bucket
+    view strides") on every multi-rank run."""
+
+    @staticmethod
+    def forward(ctx, *params: torch.Tensor) -> torch.Tensor:
+        return torch.stack(params)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.clone(memory_format=torch.contiguous_format).unbind(0)
+
+
 def stacked_linear(x_TBI: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor:
     """linears[t](x[t]) for every t, as one batched GEMM: [T, B, I] -> [T, B, O]."""
-    w_TOI = torch.stack([lin.weight for lin in linears])
+    w_TOI = _StackParams.apply(*[lin.weight for lin in linears])
     b_TO = torch.stack([lin.bias for lin in linears])
     return torch.baddbmm(b_TO.unsqueeze(1), x_TBI, w_TOI.transpose(1, 2))
 

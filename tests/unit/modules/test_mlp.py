@@ -58,3 +58,16 @@ def test_task_mlps_refuses_towers_of_different_depths():
     heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1)])
     with pytest.raises(ValueError, match="differ in depth"):
         task_mlps(torch.randn(2, 3, 4), towers, heads)
+
+
+def test_task_mlps_gradients_have_their_parameters_layout():
+    # DDP copies each gradient into a bucket view of the parameter's strides and warns on every
+    # multi-rank run when they differ (a [1, I] head's slice of the batched gradient had (1, 1))
+    torch.manual_seed(0)
+    towers = [MLP(8, [6, 5]) for _ in range(3)]
+    heads = [nn.Linear(5, 1) for _ in range(3)]
+    task_mlps(torch.randn(3, 4, 8), towers, heads).sum().backward()
+    params = [p for m in (*towers, *heads) for p in m.parameters()]
+    assert len(params) == 18
+    for p in params:
+        assert p.grad.stride() == p.stride(), (tuple(p.shape), p.grad.stride())
