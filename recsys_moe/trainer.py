@@ -227,7 +227,7 @@ class Trainer:
             ddp_ignore=sorted(expert_names),
         )
         init_tables(self.model, tables, tc.seed)
-        self.expert_grad_sync = ExpertGradSync(experts, dims)
+        self.expert_grad_sync = ExpertGradSync(experts, dims, cfg.parallel.overlap_expert_grads)
 
         # 5. dense optimizer over everything the fused optimizer does not own
         named_dense = dense_parameters(self.model.module)  # names as in the unsharded model
@@ -678,6 +678,8 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "checkpointer", None) is not None:
             self.checkpointer.close()
+        if getattr(self, "expert_grad_sync", None) is not None:
+            self.expert_grad_sync.close()
         for sink in self.sinks:
             sink.close()
         self.sinks = []

@@ -330,6 +330,10 @@ class ParallelConfig:
     # column_wise, table_row_wise, data_parallel); empty: table_wise on CPU (the only one the
     # planner accepts there with a fused optimizer), its free choice on CUDA.
     embedding_sharding_types: list[str] = field(default_factory=list)
+    # Start the experts' gradient all-reduce over their replicas inside backward, as soon as the
+    # experts' backward is done (ep_size > 1 with more ranks than ep_size), as DDP overlaps its
+    # buckets; false: after backward.
+    overlap_expert_grads: bool = True
 
 
 @dataclass

@@ -16,6 +16,8 @@ between the ranks of a DDP group): their names go to DDP's ignore list.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,29 +50,72 @@ class ExpertGradSync:
     """After backward, before the optimizer: expert gradients summed over the replicas of this
     rank's experts and divided by the world size (module docstring). One flat all-reduce.
 
+    With `overlap` and replicas (dp > 1), overlapped with the rest of backward, as DDP overlaps
+    its buckets: a hook on each expert parameter counts its gradient in, and once all have arrived
+    (the experts' backward is done; the dispatch, the gates, the bottom MLP and the tables'
+    backward are still to come) the all-reduce starts asynchronously; `__call__` waits for it.
+    A step where some expert parameter got no gradient (None) reduces in `__call__` instead:
+    every rank still issues exactly one all-reduce of the same size on the dp group per step,
+    started early or late, so the ranks' collectives match either way.
+
     Example:
         >>> sync = ExpertGradSync([p for n, p in model.named_parameters() if n in names], dims)
         >>> loss.backward(); sync(); optimizer.step()
     """
 
-    def __init__(self, params: list[nn.Parameter], dims: ParallelDims) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], dims: ParallelDims, overlap: bool = True
+    ) -> None:
         self.params = params
         self.dims = dims
+        self.overlapped_steps = 0  # steps whose all-reduce started inside backward
+        self._arrived = 0
+        self._pending: Optional[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = None
+        self._hooks = []
+        if overlap and params and dims.dp > 1:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._arrive) for p in params]
+
+    def _arrive(self, _param: nn.Parameter) -> None:
+        if self._pending is not None:  # its all-reduce read the gradients before this one
+            raise RuntimeError(
+                "an expert gradient arrived after the experts' gradient all-reduce had started: "
+                "two backward passes before one optimizer step (gradient accumulation) are not "
+                "supported with expert parallelism over replicas (dp > 1)"
+            )
+        self._arrived += 1
+        if self._arrived == len(self.params):
+            grads = [p.grad for p in self.params]
+            flat = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
+            work = dist.all_reduce(flat, group=self.dims.dp_group, async_op=True)
+            self._pending = (work, flat, grads)  # type: ignore[assignment]
 
     def __call__(self) -> None:
+        self._arrived = 0
         if not self.params:
             return
-        grads = []
-        for p in self.params:
-            if p.grad is None:  # no example reached these experts on any source this step
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        if self.dims.dp > 1:
-            dist.all_reduce(flat, group=self.dims.dp_group)
+        if self._pending is not None:
+            work, flat, grads = self._pending
+            self._pending = None
+            work.wait()
+            self.overlapped_steps += 1
+        else:
+            grads = []
+            for p in self.params:
+                if p.grad is None:  # no example reached these experts on any source this step
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if self.dims.dp > 1:
+                dist.all_reduce(flat, group=self.dims.dp_group)
         flat.div_(self.dims.world_size)
         offset = 0
         for g in grads:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+
+    def close(self) -> None:
+        """Removes the hooks (the parameters may outlive this object)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -38,6 +38,9 @@ def _config(data: str, gate: str, ep: int, pipeline: str = "plain") -> TrainConf
     m.gate = GATES[gate]
     m.expert_compute = ExpertCompute.dense if gate == "softmax" else ExpertCompute.sparse
     cfg.parallel.ep_size = ep
+    # the experts' all-reduce over replicas: inside backward (plain, the default) and after it
+    # (sparse_dist)
+    cfg.parallel.overlap_expert_grads = pipeline == "plain"
     t = cfg.trainer
     t.max_steps, t.epochs, t.log_every, t.eval_every, t.device = STEPS, 1, 1, 0, "cpu"
     t.pipeline = pipeline
@@ -50,6 +53,7 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
     try:
         summary = trainer.train()
         state = full_state_dict(trainer.model, trainer.dims)
+        overlapped = trainer.expert_grad_sync.overlapped_steps
     finally:
         trainer.close()
     losses = []
@@ -58,7 +62,7 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
             rec = json.loads(line)
             if "train/loss" in rec:
                 losses.append(rec["train/loss"])
-    return {"summary": summary, "state": state, "losses": losses}
+    return {"summary": summary, "state": state, "losses": losses, "overlapped": overlapped}
 
 
 def _rank(rank: int, world: int, data: str, root: str, runs: list[tuple]) -> dict:
@@ -66,7 +70,9 @@ def _rank(rank: int, world: int, data: str, root: str, runs: list[tuple]) -> dic
     for run in runs:
         gate, ep, pipeline = run
         res = _train(_config(data, gate, ep, pipeline), Path(root) / "-".join(map(str, run)))
-        out[run] = res if rank == 0 else {"summary": res["summary"]}
+        out[run] = (
+            res if rank == 0 else {"summary": res["summary"], "overlapped": res["overlapped"]}
+        )
     return out
 
 
@@ -106,12 +112,13 @@ def reference(tiny_data, tmp_path_factory) -> dict:
     return {gate: _train(_config(str(tiny_data), gate, 1), root / gate) for gate in GATES}
 
 
-# world 2 also runs TorchRec's TrainPipelineSparseDist (trainer.pipeline=sparse_dist): on CPU its
-# streams are absent, but it still pulls batches ahead and runs the tables' input all-to-all of
-# the next batch before this batch's backward; it must not change a single loss.
+# world 2 and 4 also run TorchRec's TrainPipelineSparseDist (trainer.pipeline=sparse_dist): on CPU
+# its streams are absent, but it still pulls batches ahead and runs the tables' input all-to-all
+# of the next batch before this batch's backward (at world 4 while the experts' all-reduce runs);
+# it must not change a single loss.
 RUNS = {
     2: [(g, ep, "plain") for ep in (1, 2) for g in GATES] + [("dselect_k", 2, "sparse_dist")],
-    4: [(g, 2, "plain") for g in GATES],
+    4: [(g, 2, "plain") for g in GATES] + [("dselect_k", 2, "sparse_dist")],
 }
 
 
@@ -124,6 +131,10 @@ def test_ranks_equal_one_process(tiny_data, tmp_path, reference, world):
         _assert_same(out[0][run], reference[gate], f"world {world}, ep {ep}, {gate}, {pipeline}")
         # the experts really were split: the all-to-all dispatcher reported its traffic
         assert ("eval/ep/a2a_bytes" in out[0][run]["summary"]) == (ep > 1)
+        # split experts with replicas (ep 2 x dp 2), overlap on: every step's expert all-reduce
+        # ran inside backward (with ep 1, DDP reduces the experts with everything else)
+        overlapped = ep > 1 and world // ep > 1 and pipeline == "plain"
+        assert [o[run]["overlapped"] for o in out] == [STEPS if overlapped else 0] * world
         evals = {k: v for k, v in out[0][run]["summary"].items() if k.startswith("eval/")}
         for rank in range(1, world):  # every rank reports the same eval
             assert {k: out[rank][run]["summary"][k] for k in evals} == evals
