@@ -17,8 +17,8 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
   (`moe_path.*_at_end`);
 - bare_loop: the same loop on one model across rounds with the entropy weight kept at 0 (the
   gates skip its term, as in the first half of the default schedule): the dense expert path,
-  every expert on every example, as the FLOP-matched DLRM assumes. Every arm trains in training mode at trainer.precision (the
-  DLRM under the same autocast);
+  every expert on every example, as the FLOP-matched DLRM assumes. Every arm trains in training
+  mode at trainer.precision (the DLRM under the same autocast);
 - dlrm: TorchRec's DLRM over the same tables, same optimizers and loss, its over-arch
   [W, W, W/2, T] sized so that its multiply-adds per example match the MoE trunk's (every expert
   on every example, the gates, towers and heads): `trunk_macs` and `dlrm_over_arch_macs`;

@@ -70,7 +70,7 @@ class ExpertGradSync:
         self.dims = dims
         self.overlapped_steps = 0  # steps whose all-reduce started inside backward
         self._arrived = 0
-        self._pending: Optional[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = None
+        self._pending: Optional[tuple[Optional[dist.Work], torch.Tensor, list[torch.Tensor]]] = None
         self._hooks = []
         if overlap and params and dims.dp > 1:
             self._hooks = [p.register_post_accumulate_grad_hook(self._arrive) for p in params]
@@ -84,19 +84,16 @@ class ExpertGradSync:
             )
         self._arrived += 1
         if self._arrived == len(self.params):
-            grads = [p.grad for p in self.params]
-            flat = torch.cat([g.reshape(-1) for g in grads])  # type: ignore[union-attr]
-            work = dist.all_reduce(flat, group=self.dims.dp_group, async_op=True)
-            self._pending = (work, flat, grads)  # type: ignore[assignment]
+            grads: list[torch.Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+            self._pending = self._reduce(grads, async_op=True)
 
     def __call__(self) -> None:
         self._arrived = 0
         if not self.params:
             return
-        if self._pending is not None:
+        if self._pending is not None:  # started inside backward
             work, flat, grads = self._pending
             self._pending = None
-            work.wait()
             self.overlapped_steps += 1
         else:
             grads = []
@@ -104,15 +101,26 @@ class ExpertGradSync:
                 if p.grad is None:  # no example reached these experts on any source this step
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if self.dims.dp > 1:
-                dist.all_reduce(flat, group=self.dims.dp_group)
+            work, flat, grads = self._reduce(grads, async_op=False)
+        if work is not None:
+            work.wait()
         flat.div_(self.dims.world_size)
         offset = 0
         for g in grads:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+
+    def _reduce(
+        self, grads: list[torch.Tensor], async_op: bool
+    ) -> tuple[Optional[dist.Work], torch.Tensor, list[torch.Tensor]]:
+        """The gradients flattened into one buffer and its sum over the dp group started (None:
+        no replicas, nothing to sum)."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        work = None
+        if self.dims.dp > 1:
+            work = dist.all_reduce(flat, group=self.dims.dp_group, async_op=async_op)
+        return work, flat, grads
 
     def close(self) -> None:
         """Removes the hooks (the parameters may outlive this object)."""
