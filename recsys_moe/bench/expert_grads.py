@@ -34,19 +34,14 @@ ARMS = ("overlap", "after_backward")
 
 
 def _rank(rank: int, data: str, work: str, args: dict[str, Any]) -> dict[str, Any]:
-    from recsys_moe.bench.trainer import compose_config, held_batches
+    from recsys_moe.bench.trainer import compose_config, held_batches, training_only
     from recsys_moe.distributed.expert_parallel import ExpertGradSync
     from recsys_moe.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = compose_config(
         [
-            f"data.path={data}",
-            "logger=none",
-            "trainer.eval_every=0",
-            "data.eval_check_max_rows=0",
-            "checkpoint.every_steps=0",
-            "checkpoint.at_end=false",
+            *training_only(Path(data)),
             "trainer.num_threads=1",
             f"parallel.ep_size={args['ep']}",
             f"data.batch_size={args['batch']}",

@@ -88,6 +88,19 @@ def compose_config(overrides: list[str]) -> TrainConfig:
 # -- FLOPs -------------------------------------------------------------------------------------
 
 
+def training_only(data: Path) -> list[str]:
+    """Overrides for a benchmark's training loop on `data`: no logger, no evaluation or its
+    data check, no checkpoints (bench.checkpoint measures those)."""
+    return [
+        f"data.path={data}",
+        "logger=none",
+        "trainer.eval_every=0",
+        "data.eval_check_max_rows=0",
+        "checkpoint.every_steps=0",
+        "checkpoint.at_end=false",
+    ]
+
+
 def _mlp_macs(widths: list[int]) -> int:
     return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
 
@@ -315,12 +328,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         data,
     )
     base = [
-        f"data.path={data}",
-        "logger=none",
-        "trainer.eval_every=0",
-        "data.eval_check_max_rows=0",
-        "checkpoint.every_steps=0",  # checkpoints are bench.checkpoint's subject, not this one's
-        "checkpoint.at_end=false",
+        *training_only(data),
         f"data.batch_size={args.batch}",
         f"trainer.num_threads={args.threads}",
         f"trainer.device={args.device}",
