@@ -25,6 +25,11 @@ each arm for --steps steps (default 128: one shuffle window of the default data 
 - batch_8192: the bare loop of the same model at batch 8192, for as many samples;
 - dselect_k_n16, softmax_n16: the bare loop with 16 experts, DSelect-k gates saturated (every
   selector outside the smooth-step window: the sparse expert path) vs the softmax gate (dense).
+- dlrm_by_batch: the bare loop and the DLRM alternated step by step, as the _stepwise ratio,
+  at each of --stepwise-batches (default 128 and 2048) besides --batch: how the gap per step
+  grows with the batch separates what every step pays whatever its size (operator calls,
+  Python in the custom kernels) from what every example costs (GEMM shapes, passes over the
+  activations).
 
 Ratios (goals of issue 12): trainer_vs_bare_loop = bare_loop_scheduled time / trainer time
 (>= 0.95),
@@ -283,6 +288,41 @@ def moe_path(trainer, batch) -> dict[str, float]:
 # -- main --------------------------------------------------------------------------------------
 
 
+def _stepwise_row(stepwise: dict[str, list[float]]) -> dict[str, float]:
+    model, dlrm = statistics.median(stepwise["bare_loop"]), statistics.median(stepwise["dlrm"])
+    return {
+        "model_ms": 1000.0 * model,
+        "dlrm_ms": 1000.0 * dlrm,
+        "gap_ms": 1000.0 * (model - dlrm),
+        "ratio": model / dlrm,
+    }
+
+
+def dlrm_stepwise_at(
+    cfg: TrainConfig, work: Path, over_arch: list[int], steps: int
+) -> dict[str, float]:
+    """The model's bare loop (entropy weight 0: the dense expert path) and the FLOP-matched DLRM
+    at cfg's batch size, single steps alternated (`interleaved_steps`) over the batches the
+    data holds (at most 32, cycled): medians of each, their gap and ratio."""
+    from recsys_moe.trainer import Trainer
+
+    trainer = Trainer(cfg, work)
+    try:
+        held = min(32, trainer.train_data.steps)
+        if held < 1:
+            raise ValueError(f"the data has no full batch of {cfg.data.batch_size} rows")
+        model = BareLoop.of(trainer, held)
+        dlrm, dlrm_opt = build_dlrm(trainer, over_arch)
+        loops = {
+            "bare_loop": model,
+            "dlrm": BareLoop(dlrm, dlrm_opt, model.batches, autocast_like(trainer, dlrm)),
+        }
+        interleaved_steps(loops, min(4, steps))  # warm-up: first-touch allocations
+        return _stepwise_row(interleaved_steps(loops, steps))
+    finally:
+        trainer.close()
+
+
 def _init_one_process_group(device: str) -> bool:
     """One process group for every trainer built here (each reuses it, none destroys it).
     True where this call created it (the caller then destroys it)."""
@@ -402,6 +442,14 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     current.pop("trainer").close()
     current.pop("bare").close()
     med = {name: median_ms(t) for name, t in times.items()}
+    by_batch = {args.batch: _stepwise_row(stepwise)}
+    for b in args.stepwise_batches:
+        by_batch[b] = dlrm_stepwise_at(
+            compose_config([*base, f"data.batch_size={b}"]),
+            work / f"batch_{b}",
+            over_arch,
+            args.interleaved_steps,
+        )
 
     per_step_trainer = med["trainer"] / 1000.0 / args.steps
     eval_per_step = eval_s * DEFAULT_JOB_EVALS / DEFAULT_JOB_STEPS
@@ -451,6 +499,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "dlrm_over_arch_macs_per_example": dlrm_macs,
         },
         "moe_path": paths,
+        "dlrm_by_batch": {str(b): by_batch[b] for b in sorted(by_batch)},
     }
 
 
@@ -467,6 +516,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         default=256,
         help="steps of the model and of the DLRM alternated one by one (the _stepwise ratio)",
     )
+    p.add_argument(
+        "--stepwise-batches",
+        type=int,
+        nargs="*",
+        default=[128, 2048],
+        help="batch sizes at which the model and the DLRM are also alternated step by step "
+        "(dlrm_by_batch; none: only --batch)",
+    )
     p.add_argument("--threads", type=int, default=threads_per_rank())
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--big-batch", type=int, default=8192)
@@ -480,6 +537,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(table(rows, ["arm", "median_ms"]))
     print(
         table([{"ratio": k, "value": v} for k, v in report["ratios"].items()], ["ratio", "value"])
+    )
+    print(
+        table(
+            [{"batch": b, **row} for b, row in report["dlrm_by_batch"].items()],
+            ["batch", "model_ms", "dlrm_ms", "gap_ms", "ratio"],
+        )
     )
     print(
         "goals:",

@@ -60,6 +60,9 @@ def test_a_tiny_run_reports_every_ratio(tmp_path):
             "128",
             "--interleaved-steps",
             "3",
+            "--stepwise-batches",
+            "32",
+            "128",
             "--out",
             str(out),
         ]
@@ -68,6 +71,13 @@ def test_a_tiny_run_reports_every_ratio(tmp_path):
     assert not dist.is_initialized()  # its process group is gone with it
     assert set(GOALS) <= set(report["ratios"]) and all(v > 0 for v in report["ratios"].values())
     assert "moe_trunk_vs_flop_matched_dlrm_stepwise" in report["ratios"]
+    # the model against the DLRM at each batch, the main one's row being the _stepwise ratio
+    by_batch = report["dlrm_by_batch"]
+    assert list(by_batch) == ["32", "64", "128"]
+    assert by_batch["64"]["ratio"] == report["ratios"]["moe_trunk_vs_flop_matched_dlrm_stepwise"]
+    for row in by_batch.values():
+        assert row["ratio"] == row["model_ms"] / row["dlrm_ms"] and row["dlrm_ms"] > 0
+        assert abs(row["gap_ms"] - (row["model_ms"] - row["dlrm_ms"])) < 1e-9
     paths = report["moe_path"]
     assert paths["bare_loop"]["sparse"] == 0.0  # fresh gates: every expert, the dense path
     assert paths["dselect_k_n16"]["sparse"] == 1.0 and paths["softmax_n16"]["sparse"] == 0.0
