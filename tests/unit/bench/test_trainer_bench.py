@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -76,8 +77,10 @@ def test_a_tiny_run_reports_every_ratio(tmp_path):
     assert list(by_batch) == ["32", "64", "128"]
     assert by_batch["64"]["ratio"] == report["ratios"]["moe_trunk_vs_flop_matched_dlrm_stepwise"]
     for row in by_batch.values():
-        assert row["ratio"] == row["model_ms"] / row["dlrm_ms"] and row["dlrm_ms"] > 0
-        assert abs(row["gap_ms"] - (row["model_ms"] - row["dlrm_ms"])) < 1e-9
+        assert row["dlrm_ms"] > 0 and row["ratio"] == pytest.approx(
+            row["model_ms"] / row["dlrm_ms"]
+        )
+        assert row["gap_ms"] == pytest.approx(row["model_ms"] - row["dlrm_ms"])
     paths = report["moe_path"]
     assert paths["bare_loop"]["sparse"] == 0.0  # fresh gates: every expert, the dense path
     assert paths["dselect_k_n16"]["sparse"] == 1.0 and paths["softmax_n16"]["sparse"] == 0.0
