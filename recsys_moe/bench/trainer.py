@@ -254,6 +254,12 @@ def build_dlrm(trainer, over_arch: list[int]) -> tuple[nn.Module, torch.optim.Op
     return model, build_dense_optimizer(dense, cfg.optim.dense)
 
 
+def dlrm_loop(trainer, over_arch: list[int], batches: list) -> BareLoop:
+    """The FLOP-matched DLRM (build_dlrm) over `batches`, at the trainer's precision."""
+    dlrm, dlrm_opt = build_dlrm(trainer, over_arch)
+    return BareLoop(dlrm, dlrm_opt, batches, autocast_like(trainer, dlrm))
+
+
 def autocast_like(trainer, model: nn.Module) -> Callable:
     """model(batch) under the autocast trainer.precision gives the trainer's own model."""
     from recsys_moe.config.schema import Precision
@@ -312,11 +318,7 @@ def dlrm_stepwise_at(
         if held < 1:
             raise ValueError(f"the data has no full batch of {cfg.data.batch_size} rows")
         model = BareLoop.of(trainer, held)
-        dlrm, dlrm_opt = build_dlrm(trainer, over_arch)
-        loops = {
-            "bare_loop": model,
-            "dlrm": BareLoop(dlrm, dlrm_opt, model.batches, autocast_like(trainer, dlrm)),
-        }
+        loops = {"bare_loop": model, "dlrm": dlrm_loop(trainer, over_arch, model.batches)}
         interleaved_steps(loops, min(4, steps))  # warm-up: first-touch allocations
         return _stepwise_row(interleaved_steps(loops, steps))
     finally:
@@ -387,12 +389,11 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     trunk = trunk_macs(cfg)
     over_arch, dlrm_macs = dlrm_over_arch(cfg, trunk)
-    dlrm, dlrm_opt = build_dlrm(trainers["bare"], over_arch)
 
     bare = BareLoop.of(trainers["bare"], args.steps)
     arms: dict[str, Callable[[], None]] = {
         "bare_loop": bare,
-        "dlrm": BareLoop(dlrm, dlrm_opt, bare.batches, autocast_like(trainers["bare"], dlrm)),
+        "dlrm": dlrm_loop(trainers["bare"], over_arch, bare.batches),
         "batch_8192": BareLoop.of(trainers["big"], big_steps),
         "dselect_k_n16": BareLoop.of(trainers["dsk16"], args.steps),
         "softmax_n16": BareLoop.of(trainers["soft16"], args.steps),
