@@ -65,6 +65,15 @@ class GateKernel(str, Enum):
     compiled = "compiled"  # fused, its forward and backward compiled by torch.compile
 
 
+class ExpertKernel(str, Enum):
+    """How the dense expert bank runs its GEMMs (model.expert_kernel); the same values and
+    gradients every way (recsys_moe/moe/grouped.py)."""
+
+    auto = "auto"  # batched where the experts' activations per CPU thread fit in cache
+    batched = "batched"  # one GEMM batch over the experts per layer and per gradient
+    per_expert = "per_expert"  # each expert's whole MLP before the next (its activations in cache)
+
+
 class ExpertCompute(str, Enum):
     dense = "dense"  # every expert on every example
     sparse = "sparse"  # each expert only on the examples some task gives it nonzero weight
@@ -205,6 +214,7 @@ class ModelConfig:
     dropout: float = 0.0  # in experts and towers
     gate: GateConfig = field(default_factory=GateConfig)
     expert_compute: ExpertCompute = ExpertCompute.auto
+    expert_kernel: ExpertKernel = ExpertKernel.auto  # the dense bank's GEMMs (ExpertKernel)
     # auto: run sparse when at most this fraction of the (example, expert) pairs is active
     sparse_max_active_fraction: float = 0.5
     loss_weights: dict[str, float] = field(default_factory=dict)  # task name -> weight (default 1)

@@ -92,7 +92,12 @@ class MultiTaskRanker(nn.Module):
         )
         self.moe = MultiTaskMoE(
             ExpertBank(
-                model.num_experts, in_dim, model.expert_hidden, model.expert_dim, model.dropout
+                model.num_experts,
+                in_dim,
+                model.expert_hidden,
+                model.expert_dim,
+                model.dropout,
+                model.expert_kernel,
             ),
             [build_gate(model.gate, model.num_experts, in_dim) for _ in data.tasks],
             compute=model.expert_compute,

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys_moe.moe.grouped import expert_linear, expert_mlp
+from recsys_moe.config.schema import ExpertKernel
+from recsys_moe.moe.grouped import batched_pays, expert_linear, expert_mlp
 
 
 class ExpertBank(nn.Module):
@@ -22,6 +23,8 @@ class ExpertBank(nn.Module):
     forward(x [B, D]) -> [N, B, O]: every expert on every example (the dense path).
     forward_grouped(x [P, D], counts [N]) -> [P, O]: rows already grouped by expert, counts[e]
     of them for expert e (the sparse path; same parameters, same values).
+    kernel: how forward runs the experts' GEMMs (ExpertKernel; forward_grouped's groups differ
+    in size and always run expert by expert).
 
     Example:
         >>> bank = ExpertBank(num_experts=8, in_dim=32, hidden=[64], out_dim=16)
@@ -36,6 +39,7 @@ class ExpertBank(nn.Module):
         hidden: Sequence[int],
         out_dim: int,
         dropout: float = 0.0,
+        kernel: ExpertKernel = ExpertKernel.auto,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -44,6 +48,7 @@ class ExpertBank(nn.Module):
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.dropout = dropout
+        self.kernel = ExpertKernel(kernel)
         widths = [in_dim, *hidden, out_dim]
         # weights[l]: [N, widths[l], widths[l+1]]; biases[l]: [N, widths[l+1]]
         self.weights = nn.ParameterList(
@@ -70,7 +75,7 @@ class ExpertBank(nn.Module):
             )
         hidden = [w.shape[2] for w in self.weights[:-1]]
         with torch.random.fork_rng(devices=[]):  # its throwaway init must not move the RNG
-            bank = ExpertBank(num, self.in_dim, hidden, self.out_dim, self.dropout)
+            bank = ExpertBank(num, self.in_dim, hidden, self.out_dim, self.dropout, self.kernel)
         ref = self.weights[0]
         bank.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
@@ -84,9 +89,16 @@ class ExpertBank(nn.Module):
         runs at once (moe/grouped.py: expert_mlp, the same values, fewer passes over memory)."""
         return self.dropout > 0 and self.training
 
+    def batched(self, x_BD: torch.Tensor) -> bool:
+        """Whether forward(x_BD) runs the batched kernel (ExpertKernel; auto: batched_pays)."""
+        if self.kernel == ExpertKernel.auto:
+            return batched_pays(x_BD, list(self.weights))
+        return self.kernel == ExpertKernel.batched
+
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         if not self._layer_by_layer():
-            return expert_mlp(x_BD, list(self.weights), list(self.biases))
+            weights, biases = list(self.weights), list(self.biases)
+            return expert_mlp(x_BD, weights, biases, batched=self.batched(x_BD))
         h = x_BD  # the first layer reads the shared [B, D] input in place (no copy per expert)
         for w_NIO, b_NO in zip(self.weights, self.biases):
             h = expert_linear(h, w_NIO, b_NO, relu=True)  # [B, I] or [N, B, I] -> [N, B, O]

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from recsys_moe.config.schema import ExpertKernel
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.grouped import expert_linear, expert_mlp
 
@@ -62,10 +63,11 @@ def test_bank_equals_the_broadcast_reference():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_gradients(grouped):
+@pytest.mark.parametrize("kernel", ["batched", "per_expert", "grouped"])
+def test_autocast_runs_the_matmuls_in_bf16_and_keeps_fp32_gradients(kernel):
     torch.manual_seed(0)
-    bank = ExpertBank(N, D_IN, [8], D_OUT).float()
+    grouped = kernel == "grouped"
+    bank = ExpertBank(N, D_IN, [8], D_OUT, kernel="auto" if grouped else kernel).float()
     x = torch.randn(6, D_IN, dtype=torch.float32, requires_grad=True)
     counts = [2, 1, 0, 3]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -120,3 +122,63 @@ def test_dropout_runs_layer_by_layer_in_training_only():
     bank.train()
     a, b = bank(x), bank(x)
     assert not torch.equal(a, b)  # dropout is on
+
+
+def test_batched_kernel_equals_the_per_expert_kernel():
+    """The batched kernel (one GEMM batch over the experts per layer) against the per-expert
+    one, in values and in every gradient, and against finite differences."""
+    torch.manual_seed(0)
+    widths = [D_IN, 7, 6, D_OUT]
+    ws = [torch.randn(N, a, b, requires_grad=True) for a, b in zip(widths[:-1], widths[1:])]
+    bs = [torch.randn(N, b, requires_grad=True) for b in widths[1:]]
+    x = torch.randn(6, D_IN, requires_grad=True)
+
+    def run(batched):
+        return lambda x, *p: expert_mlp(x, p[:3], p[3:], batched=batched)
+
+    assert torch.autograd.gradcheck(run(True), (x, *ws, *bs))
+    out = run(True)(x, *ws, *bs)
+    assert out.grad_fn.name() == "_BatchedExpertMLPBackward"
+    want_out = run(False)(x, *ws, *bs)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    up = torch.randn_like(out)
+    got = torch.autograd.grad((out * up).sum(), (x, *ws, *bs))
+    want = torch.autograd.grad((want_out * up).sum(), (x, *ws, *bs))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="shared input"):
+        expert_mlp(x, ws, bs, counts=[2, 2, 1, 1], batched=True)
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("rows", "num_threads", "dtype", "batched"),
+    [
+        (512, 1, torch.float32, True),  # 8 x 512 x 256 x 4 B = 4 MiB for one thread
+        (513, 1, torch.float32, False),
+        (1024, 2, torch.float32, True),  # 8 MiB over two threads
+        (2048, 2, torch.float32, False),
+        (1024, 1, torch.bfloat16, True),  # autocast: 2-byte activations
+    ],
+)
+def test_auto_kernel_is_batched_while_the_activations_fit_each_thread(
+    threads, rows, num_threads, dtype, batched
+):
+    threads(num_threads)
+    bank = ExpertBank(8, 16, [256], 64).float()
+    x = torch.randn(rows, 16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        assert bank.batched(x) is batched
+        out = bank(x)
+    want = "_BatchedExpertMLPBackward" if batched else "_ExpertMLPBackward"
+    assert out.grad_fn.name() == want
+    for kernel, fixed in ((ExpertKernel.batched, True), (ExpertKernel.per_expert, False)):
+        bank.kernel = kernel
+        assert bank.batched(x) is fixed
+    assert bank.shard(2, 4).kernel == ExpertKernel.per_expert
