@@ -17,6 +17,9 @@ for b in 16384 65536 262144; do
 done
 $PY -m recsys_moe.bench.trunk --device cuda --batch 65536 --override model.num_experts=64 \
   --out "$OUT/trunk_n64.json"
+# the batched expert kernel (auto takes per_expert on GPU, where only it has been measured)
+$PY -m recsys_moe.bench.trunk --device cuda --batch 65536 --override model.expert_kernel=batched \
+  --out "$OUT/trunk_b65536_batched.json"
 timeout 240 $PY -m pytest -q tests/distributed/test_cuda_paths.py 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
 timeout 300 $PY -m recsys_moe.bench.trainer --device cuda --rounds 5 \
   --override trainer.precision=bf16 --out "$OUT/bench_trainer_cuda.json" 2>&1 | tail -12

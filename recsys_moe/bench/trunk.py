@@ -64,7 +64,7 @@ def build_trunk(overrides: list[str], compute: str):
     cfg = compose_config(["data.path=unused", *overrides])
     m, tasks, d = cfg.model, len(cfg.data.tasks), moe_input_width(cfg)
     moe = MultiTaskMoE(
-        ExpertBank(m.num_experts, d, m.expert_hidden, m.expert_dim),
+        ExpertBank(m.num_experts, d, m.expert_hidden, m.expert_dim, kernel=m.expert_kernel),
         [build_gate(m.gate, m.num_experts, d) for _ in range(tasks)],
         compute=ExpertCompute(compute),
     )
