@@ -246,13 +246,17 @@ class _BatchedExpertMLP(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         ws, acts = rest[:num_layers], rest[num_layers:]
         num_experts = ws[0].shape[0]
-        grad_ws: list[torch.Tensor] = [x] * num_layers  # placeholders, each layer sets its own
-        grad_bs: list[torch.Tensor] = [x] * num_layers
+        grad_ws: list[Optional[torch.Tensor]] = [None] * num_layers  # each layer sets its own
+        grad_bs: list[Optional[torch.Tensor]] = [None] * num_layers
         grad_x = None
         g = torch.ops.aten.threshold_backward(grad_out, acts[-1], 0.0)
         for layer in range(num_layers - 1, -1, -1):
-            inp = acts[layer - 1] if layer else x.t().expand(num_experts, *x.t().shape)
-            grad_ws[layer] = torch.bmm(inp.transpose(1, 2) if layer else inp, g)
+            # the layer's input transposed, [N, I, B] (the shared x: read in place by all)
+            x_t = x.t()
+            inp_t = (
+                acts[layer - 1].transpose(1, 2) if layer else x_t.expand(num_experts, *x_t.shape)
+            )
+            grad_ws[layer] = torch.bmm(inp_t, g)
             grad_bs[layer] = g.sum(1)
             if layer:  # the gradient before the previous layer's ReLU, in place (ours)
                 g_in = torch.bmm(g, ws[layer].transpose(1, 2))
