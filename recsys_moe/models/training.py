@@ -24,7 +24,7 @@ from torch import nn
 from recsys_moe.config.schema import TaskType
 from recsys_moe.data.batch import Batch
 from recsys_moe.models.ranker import MultiTaskRanker, RankerOutput
-from recsys_moe.modules.heads import task_loss_terms
+from recsys_moe.modules.heads import tasks_loss_terms
 from recsys_moe.moe.gates import GateOutput
 
 
@@ -63,6 +63,8 @@ class MultiTaskLoss(nn.Module):
         self.register_buffer(
             "loss_weights", torch.tensor(list(loss_weights), dtype=torch.float32), persistent=False
         )
+        binary = [TaskType(k) == TaskType.binary for k in self.task_types]
+        self.register_buffer("binary", torch.tensor(binary), persistent=False)
         # [T] per-rank label weights -> their mean over the data-parallel ranks (None: one rank)
         self.reduce_denominators: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
@@ -73,23 +75,14 @@ class MultiTaskLoss(nn.Module):
             return self._forward(out._replace(raw=raw), batch)
 
     def _forward(self, out: RankerOutput, batch: Batch) -> tuple[torch.Tensor, StepOutput]:
-        sums, weights, labels = [], [], []
-        for t, kind in enumerate(self.task_types):
-            s, w, y = task_loss_terms(
-                kind,
-                out.raw[:, t],
-                batch.labels[:, t],
-                None if batch.masks is None else batch.masks[:, t],
-                None if batch.weights is None else batch.weights[:, t],
-            )
-            sums.append(s)
-            weights.append(w)
-            labels.append(y)
-        weights_T = torch.stack(weights).detach()
+        sums_T, weights_T, labels_T = tasks_loss_terms(
+            self.task_types, out.raw, batch.labels, batch.masks, batch.weights, self.binary
+        )
+        weights_T = weights_T.detach()
         den_T = weights_T
         if self.training and self.reduce_denominators is not None:
             den_T = self.reduce_denominators(den_T)  # every rank runs this: same collectives
-        task_losses_T = torch.stack(sums) / den_T.clamp_min(1e-12)
+        task_losses_T = sums_T / den_T.clamp_min(1e-12)
         loss = (self.loss_weights.to(task_losses_T.dtype) * task_losses_T).sum() + out.aux_loss
         gates = [g.detach() for g in out.gates]
         return loss, StepOutput(
@@ -99,7 +92,7 @@ class MultiTaskLoss(nn.Module):
             out.aux_loss,
             gates,
             out.moe_stats,
-            label_sums=torch.stack(labels),
+            label_sums=labels_T,
             label_weights=weights_T,
         )
 

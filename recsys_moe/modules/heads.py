@@ -5,6 +5,7 @@ Legend: B = examples.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -40,6 +41,43 @@ def task_loss_terms(
     if mask_B is not None:
         w = w * mask_B.to(per_row.dtype)
     return (per_row * w).sum(), w.sum(), (label_B.detach() * w).sum()
+
+
+def tasks_loss_terms(
+    kinds: Sequence[TaskType],
+    raw_BT: torch.Tensor,
+    labels_BT: torch.Tensor,
+    masks_BT: Optional[torch.Tensor] = None,
+    weights_BT: Optional[torch.Tensor] = None,
+    binary_T: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """task_loss_terms of every task at once, column t of [B, T] being task t of kind
+    kinds[t]: the three sums as [T] vectors. binary_T: kinds as a bool tensor on raw's device
+    (True: binary), which a caller may keep to save a copy per call where kinds are mixed.
+
+    A few operators over [B, T] instead of a dozen per task. Where kinds are mixed, both losses
+    are computed on every column (each finite on any finite input) and each column keeps its
+    own kind's, so the other kind's gradient there is exactly zero."""
+    binary = [TaskType(k) == TaskType.binary for k in kinds]
+    if masks_BT is not None:
+        labels_BT = torch.where(masks_BT, labels_BT, torch.zeros_like(labels_BT))
+    if all(binary):
+        per_row = F.binary_cross_entropy_with_logits(raw_BT, labels_BT, reduction="none")
+    elif not any(binary):
+        per_row = (raw_BT - labels_BT) ** 2
+    else:
+        if binary_T is None:
+            binary_T = torch.tensor(binary, device=raw_BT.device)
+        bce = F.binary_cross_entropy_with_logits(raw_BT, labels_BT, reduction="none")
+        per_row = torch.where(binary_T, bce, (raw_BT - labels_BT) ** 2)
+    w = None if weights_BT is None else weights_BT.to(per_row.dtype)
+    if masks_BT is not None:
+        mask = masks_BT.to(per_row.dtype)
+        w = mask if w is None else w * mask
+    if w is None:  # every row counts once
+        rows = per_row.new_full((per_row.shape[1],), float(per_row.shape[0]))
+        return per_row.sum(0), rows, labels_BT.detach().sum(0)
+    return (per_row * w).sum(0), w.sum(0), (labels_BT.detach() * w).sum(0)
 
 
 def task_loss(
