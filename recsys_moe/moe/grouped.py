@@ -176,16 +176,13 @@ class _ExpertMLP(torch.autograd.Function):
                 torch._addmm_activation(b_e[layer][e], h, w_e[layer][e], out=out)
                 h = out
         ctx.counts = counts
-        ctx.num_layers = num_layers
-        ctx.save_for_backward(x, *ws, *acts)
-        return acts[-1]
+        return _save_mlp(ctx, x, ws, acts)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        num_layers, counts = ctx.num_layers, ctx.counts
-        x, *rest = ctx.saved_tensors
-        ws, acts = rest[:num_layers], rest[num_layers:]
+        x, ws, acts = _saved_mlp(ctx)
+        num_layers, counts = len(ws), ctx.counts
         num_experts, grouped = ws[0].shape[0], counts is not None
         n = num_experts
         # experts without rows (grouped) keep zero gradients
@@ -235,17 +232,13 @@ class _BatchedExpertMLP(torch.autograd.Function):
         for w, b in zip(ws, bs):
             h = torch.baddbmm(b.unsqueeze(1), h, w).relu_()
             acts.append(h)
-        ctx.num_layers = num_layers
-        ctx.save_for_backward(x, *ws, *acts)
-        return acts[-1]
+        return _save_mlp(ctx, x, ws, acts)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        num_layers = ctx.num_layers
-        x, *rest = ctx.saved_tensors
-        ws, acts = rest[:num_layers], rest[num_layers:]
-        num_experts = ws[0].shape[0]
+        x, ws, acts = _saved_mlp(ctx)
+        num_layers, num_experts = len(ws), ws[0].shape[0]
         grad_ws: list[Optional[torch.Tensor]] = [None] * num_layers  # each layer sets its own
         grad_bs: list[Optional[torch.Tensor]] = [None] * num_layers
         grad_x = None
@@ -269,6 +262,20 @@ class _BatchedExpertMLP(torch.autograd.Function):
                 for e in range(1, num_experts):
                     grad_x.addmm_(g[e], wt[e])
         return (grad_x, *grad_ws, *grad_bs)
+
+
+def _save_mlp(ctx, x: torch.Tensor, ws: Sequence[torch.Tensor], acts: list[torch.Tensor]):
+    """Keeps what an MLP kernel's backward reads (its input, weights and every layer's output)
+    and returns the last output."""
+    ctx.num_layers = len(ws)
+    ctx.save_for_backward(x, *ws, *acts)
+    return acts[-1]
+
+
+def _saved_mlp(ctx) -> tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    """(x, weights, layer outputs) as _save_mlp kept them."""
+    x, *rest = ctx.saved_tensors
+    return x, rest[: ctx.num_layers], rest[ctx.num_layers :]
 
 
 def _per_expert(
