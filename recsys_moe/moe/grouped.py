@@ -27,8 +27,9 @@ while its activations are in cache; _BatchedExpertMLP runs each layer and each g
 GEMM batch over the experts (`baddbmm`/`bmm` over the stride-0 expanded input), which the BLAS
 spreads over its threads expert by expert, where each expert's narrow GEMM split over two
 threads gained little (the eight experts' 512 x 256 x 64 layers as eight `addmm`: 1.03 ms on 2
-threads, 1.02 on 1; as one `baddbmm`: 0.76 ms on 2). The batch streams every expert's activations through memory layer by layer, so it pays while they
-fit in cache (BATCHED_MAX_BYTES_PER_THREAD).
+threads, 1.02 on 1; as one `baddbmm`: 0.76 ms on 2). The batch streams every expert's
+activations through memory layer by layer, so it pays while they fit in cache
+(BATCHED_MAX_BYTES_PER_THREAD).
 
 Gradients of the stacked weight are written into one [N, I, O] buffer (as grouped-GEMM kernels
 do), never N full-size zero tensors. Under autocast the matmuls run in the autocast dtype (the
@@ -245,9 +246,8 @@ class _BatchedExpertMLP(torch.autograd.Function):
         x_t = x.t().expand(num_experts, x.shape[1], x.shape[0])  # read in place by every expert
         g = torch.ops.aten.threshold_backward(grad_out, acts[-1], 0.0)
         for layer in range(num_layers - 1, -1, -1):
-            inp_t = (
-                acts[layer - 1].transpose(1, 2) if layer else x_t
-            )  # the layer's input, [N, I, B]
+            # the layer's input, transposed: [N, I, B]
+            inp_t = acts[layer - 1].transpose(1, 2) if layer else x_t
             grad_ws[layer] = torch.bmm(inp_t, g)
             grad_bs[layer] = g.sum(1)
             if layer:  # the gradient before the previous layer's ReLU, in place (ours)
