@@ -28,6 +28,9 @@ def task_loss_terms(
     squared error. Rows where mask is False contribute neither to the sum nor to the weights,
     so a task's loss does not shrink when most of its labels are missing. Kept as two terms so
     that data-parallel ranks can divide by the weight of the whole global batch.
+
+    One task, the plain formula: the reference of tasks_loss_terms (which the training loss
+    uses, every task at once) and the terms of task_loss.
     """
     if mask_B is not None:
         # A missing label may hold anything (NaN included). Replace it before the loss: masking
