@@ -16,9 +16,10 @@ torchtitan's global batch), split evenly over the ranks. Work units are row grou
 - Workers. With data.num_workers = N, N workers per rank (a pool shared by the rank's shards)
   build windows (read, validate, concatenate, permute) and the main process only cuts batches.
   Each shard keeps N x data.prefetch_factor windows in flight and takes them back in its own
-  order, so the rows depend neither on N nor on data.worker_type: `thread` (default; pyarrow,
-  numpy and FBGEMM release the GIL, and no copy between processes is needed) or `process`
-  (worker processes; windows travel through shared memory). Workers keep no state.
+  order, so the rows depend neither on N nor on data.worker_type: `thread` (default; pyarrow
+  and numpy release the GIL, and no copy between processes is needed; worker threads stay off
+  torch's OpenMP kernels, see parquet.decode_off_openmp) or `process` (worker processes;
+  windows travel through shared memory). Workers keep no state.
 - Shuffle (train only; data.shuffle). Each epoch a shard permutes its units with a generator
   seeded by (seed, epoch, shard). Consecutive units are gathered into windows of at least
   buffer_rows rows, and every window's rows are permuted with a generator seeded by
@@ -73,7 +74,7 @@ from recsys_moe.data.files import (
     locate_split,
     scan_split,
 )
-from recsys_moe.data.parquet import Chunk, UnitDecoder
+from recsys_moe.data.parquet import Chunk, UnitDecoder, decode_off_openmp
 from recsys_moe.distributed.comm import all_reduce_, all_reduce_int
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ def _init_worker(cfg: DataConfig, fs: pafs.FileSystem, process: bool) -> None:
     _worker.decoder, _worker.fs = UnitDecoder(cfg), fs
     if process:  # as torch's DataLoader workers: the process's cores belong to the trainer
         torch.set_num_threads(1)
+    else:  # a second OpenMP team in the process would slow the trainer's kernels
+        decode_off_openmp()
 
 
 def _build_in_worker(units: list[RowGroup], seed: Optional[list[int]]) -> Chunk:

@@ -4,6 +4,9 @@ data.batch_size is global: a rank's batches hold batch_size / world_size rows.""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -291,3 +294,35 @@ def test_jagged_permutation_with_and_without_fbgemm():
     for fn in (_permute_jagged, permute_jagged_numpy):
         n, v = fn(order, lengths, values)
         assert n.tolist() == [3, 2, 1, 0] and v.tolist() == [30, 31, 32, 10, 11, 40]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_worker_threads_permute_off_openmp(tiny_data_config):
+    """A loader worker thread permutes jagged columns without torch's OpenMP: a parallel
+    kernel there would start a second OpenMP team (one more OS thread while the worker lives),
+    which slows every kernel of the trainer's own team."""
+    import pyarrow.fs as pafs
+
+    from recsys_moe.data.loader import _init_worker
+    from recsys_moe.data.parquet import _permute_jagged, permute_jagged_numpy
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (1 << 17,), dtype=torch.int32, generator=gen)
+    values = torch.arange(int(lengths.sum()))
+    order = torch.randperm(len(lengths), generator=gen)
+    before_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a team of one: nothing to start
+    try:
+        init = (tiny_data_config, pafs.LocalFileSystem(), False)
+        with ThreadPoolExecutor(1, initializer=_init_worker, initargs=init) as pool:
+            pool.submit(int).result()  # the worker thread exists
+            alive = threads()
+            n, v = pool.submit(_permute_jagged, order, lengths, values).result()
+            assert threads() == alive
+    finally:
+        torch.set_num_threads(before_threads)
+    expected_n, expected_v = permute_jagged_numpy(order, lengths, values)
+    assert torch.equal(n, expected_n) and torch.equal(v, expected_v)
