@@ -51,13 +51,22 @@ from recsys_moe.moe.gates.dselect_k import (
 
 
 def _codes(s_XMB: torch.Tensor) -> list[torch.Tensor]:
-    """Prefix products R_0 .. R_M: R_j [X, 2^j, B] over bits 0..j-1; R_M is r over all C codes."""
+    """Prefix products R_0 .. R_M: R_j [X, 2^j, B] over bits 0..j-1; R_M is r over all C codes.
+    R_{j+1}[2a + 1] = R_j[a] s_j and R_{j+1}[2a] = R_j[a] (1 - s_j) = R_j[a] - R_j[a] s_j."""
     x, m, b = s_XMB.shape
     prefixes = [s_XMB.new_ones(x, 1, b)]
     for j in range(m):
         s_j = s_XMB[:, j : j + 1]
         r = prefixes[-1]
-        prefixes.append(torch.stack([r * (1.0 - s_j), r * s_j], dim=2).view(x, -1, b))
+        if torch.compiler.is_compiling():  # inductor fuses the pair into one loop anyway
+            hi = r * s_j
+            prefixes.append(torch.stack([r - hi, hi], dim=2).view(x, -1, b))
+            continue
+        # eager: both halves written in place into the next prefix, no stacking copy
+        pairs = r.new_empty(x, r.shape[1], 2, b)
+        hi = torch.mul(r, s_j, out=pairs[:, :, 1])
+        torch.sub(r, hi, out=pairs[:, :, 0])
+        prefixes.append(pairs.view(x, -1, b))
     return prefixes
 
 
@@ -129,9 +138,10 @@ def backward_math(
     g_s = [u.new_zeros(tk, b)] * m
     for j in range(m - 1, -1, -1):
         pairs = G.view(tk, -1, 2, b)  # [T*K, 2^j, 2, B]
-        g_s[j] = ((pairs[:, :, 1] - pairs[:, :, 0]) * prefixes[j]).sum(1)
-        s_j = s[:, j : j + 1]
-        G = pairs[:, :, 0] * (1.0 - s_j) + pairs[:, :, 1] * s_j
+        lo, diff = pairs[:, :, 0], pairs[:, :, 1] - pairs[:, :, 0]
+        g_s[j] = (diff * prefixes[j]).sum(1)
+        if j:  # G[2a] (1 - s_j) + G[2a + 1] s_j, as one pass
+            G = torch.addcmul(lo, diff, s[:, j : j + 1])
     g_u = (torch.stack(g_s, dim=1) if m else u) * (6.0 * u * (1.0 - u))  # [T*K, M, B]
     return torch.cat([g_u.reshape(t, k * m, b), g_alpha], dim=1)
 
