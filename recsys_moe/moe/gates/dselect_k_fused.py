@@ -135,7 +135,7 @@ def backward_math(
     codes = prefixes[-1].shape[1]
     if n < codes:  # unreachable codes: no gradient
         G = torch.cat([G, G.new_zeros(tk, codes - n, b)], dim=1)
-    g_s = [u.new_zeros(tk, b)] * m
+    g_s: list[torch.Tensor] = [u] * m  # placeholders: level j sets g_s[j]
     for j in range(m - 1, -1, -1):
         pairs = G.view(tk, -1, 2, b)  # [T*K, 2^j, 2, B]
         lo, diff = pairs[:, :, 0], pairs[:, :, 1] - pairs[:, :, 0]

@@ -314,7 +314,7 @@ def test_worker_threads_permute_off_openmp(tiny_data_config):
     values = torch.arange(int(lengths.sum()))
     order = torch.randperm(len(lengths), generator=gen)
     before_threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # a team of one: nothing to start
+    torch.set_num_threads(2)  # on 1 thread an OpenMP team starts no thread of its own
     try:
         init = (tiny_data_config, pafs.LocalFileSystem(), False)
         with ThreadPoolExecutor(1, initializer=_init_worker, initargs=init) as pool:
