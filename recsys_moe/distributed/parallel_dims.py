@@ -32,6 +32,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+# Imported before any process group exists, on purpose: its ZeroRedundancyOptimizer module binds
+# dist.group.WORLD as a default argument when first imported. Imported later (TorchRec's
+# apply_optimizer_in_backward does so in shard_model), it holds the default group past
+# destroy_process_group, to be freed in the interpreter's teardown, where gloo's threads can abort
+# the process ("terminate called without an active exception", SIGABRT): torchrun then takes a
+# finished run for a failed one.
+import torch.distributed.optim  # noqa: F401
+
 from recsys_moe.config.schema import ParallelConfig
 
 log = logging.getLogger(__name__)

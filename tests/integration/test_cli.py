@@ -63,6 +63,48 @@ def test_train_cli_writes_run_dir(small_default_data, tmp_path):
     assert config["trainer"]["max_steps"] == 4 and config["data"]["path"] == str(small_default_data)
 
 
+# Runs recsys_moe.train as `python -m` does, and at exit (atexit runs before the interpreter's
+# teardown) counts the threads of gloo process groups still alive.
+_COUNT_GLOO_THREADS_AT_EXIT = """
+import atexit, os, runpy, sys
+
+def count():
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{t}/comm").read())
+        except OSError:
+            pass
+    print("gloo threads at exit:", sum(n.startswith(("gloo", "pt_gloo")) for n in names))
+
+atexit.register(count)
+sys.argv = ["recsys_moe.train", *sys.argv[1:]]
+runpy.run_module("recsys_moe.train", run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_a_finished_run_leaves_no_process_group_to_the_interpreters_teardown(
+    small_default_data, tmp_path
+):
+    """A process group freed in the interpreter's teardown can abort the process there (gloo's
+    threads: "terminate called without an active exception"), and torchrun then restarts or
+    fails a run that had finished. The run must free its groups itself: destroy_process_group
+    alone leaves them alive while the trainer's reference cycles or torch's ZeroRedundancy
+    module (which binds dist.group.WORLD as a default argument) hold them."""
+    r = _run(
+        "-c",
+        _COUNT_GLOO_THREADS_AT_EXIT,
+        f"data.path={small_default_data}",
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "gloo threads at exit: 0" in r.stdout, r.stdout[-2000:]
+
+
 def test_train_cli_rejects_a_typo_naming_the_key(tmp_path):
     r = _run("-m", "recsys_moe.train", "trainer.max_stepz=4", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0
