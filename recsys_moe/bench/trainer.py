@@ -47,6 +47,7 @@ are recorded: big batches depend on them (launch/env.sh; README, "Benchmarks").
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import math
 import os
@@ -356,6 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if created:  # leave the process as it was (e.g. a test process)
+            gc.collect()  # the closed trainers' groups, held in reference cycles (train.py)
             dist.destroy_process_group()
 
 

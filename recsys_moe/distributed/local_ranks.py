@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from collections.abc import Callable
@@ -37,6 +38,9 @@ def _rank(rank: int, world: int, backend: str, port: int, fn, args: tuple, out) 
     try:
         out[rank] = fn(rank, *args)
     finally:
+        # what fn built (trainers, models) can hold process groups in reference cycles: free
+        # them now, not in the interpreter's teardown, where gloo's threads can abort the rank
+        gc.collect()
         dist.destroy_process_group()
 
 
