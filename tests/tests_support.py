@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from recsys_moe.config.schema import DataConfig, GateConfig, GateType, ModelConfig, TrainConfig
@@ -13,6 +14,7 @@ __all__ = [
     "data_config",
     "dselect_k_from_start",
     "free_port",
+    "gloo_threads",
     "global_batches",
     "ranks_of",
     "run_gloo_ranks",
@@ -32,6 +34,18 @@ def dselect_k_from_start() -> GateConfig:
         entropy_start_step=0,
         entropy_warmup_steps=10,
     )
+
+
+def gloo_threads() -> int:
+    """The threads of this process's live gloo process groups (Linux: /proc): each group runs
+    a tcp loop and two work threads until it is freed."""
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{t}/comm").read_text())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sum(n.startswith(("gloo", "pt_gloo")) for n in names)
 
 
 def small_model(m: ModelConfig) -> None:

@@ -1,28 +1,17 @@
 """run_gloo_ranks, the harness of every multi-rank test and benchmark: a rank's process groups
 are gone before its interpreter's teardown, where freeing one can abort the process (gloo's
-threads: "terminate called without an active exception"), which failed tests at random."""
+threads: "terminate called without an active exception"), which would fail a test at random."""
 
 from __future__ import annotations
 
 import atexit
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-from recsys_moe.distributed.local_ranks import run_gloo_ranks
-
-
-def _gloo_threads() -> int:
-    names = []
-    for t in os.listdir("/proc/self/task"):
-        try:
-            names.append(Path(f"/proc/self/task/{t}/comm").read_text())
-        except OSError:
-            pass
-    return sum(n.startswith(("gloo", "pt_gloo")) for n in names)
+from tests.tests_support import gloo_threads, run_gloo_ranks
 
 
 def _group_in_a_cycle(rank: int, out: str) -> int:
@@ -30,8 +19,8 @@ def _group_in_a_cycle(rank: int, out: str) -> int:
     holder: dict = {"group": dist.new_group([0, 1])}
     holder["self"] = holder
     dist.barrier(group=holder["group"])
-    atexit.register(lambda: Path(out, f"rank{rank}").write_text(str(_gloo_threads())))
-    return _gloo_threads()
+    atexit.register(lambda: Path(out, f"rank{rank}").write_text(str(gloo_threads())))
+    return gloo_threads()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")

@@ -66,18 +66,10 @@ def test_train_cli_writes_run_dir(small_default_data, tmp_path):
 # Runs recsys_moe.train as `python -m` does, and at exit (atexit runs before the interpreter's
 # teardown) counts the threads of gloo process groups still alive.
 _COUNT_GLOO_THREADS_AT_EXIT = """
-import atexit, os, runpy, sys
+import atexit, runpy, sys
+from tests.tests_support import gloo_threads
 
-def count():
-    names = []
-    for t in os.listdir("/proc/self/task"):
-        try:
-            names.append(open(f"/proc/self/task/{t}/comm").read())
-        except OSError:
-            pass
-    print("gloo threads at exit:", sum(n.startswith(("gloo", "pt_gloo")) for n in names))
-
-atexit.register(count)
+atexit.register(lambda: print("gloo threads at exit:", gloo_threads()))
 sys.argv = ["recsys_moe.train", *sys.argv[1:]]
 runpy.run_module("recsys_moe.train", run_name="__main__")
 """
