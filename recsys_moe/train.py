@@ -6,7 +6,6 @@ trains, evaluates and writes metrics.jsonl, summary.json and config.yaml to the 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from pathlib import Path
@@ -40,10 +39,6 @@ def main(cfg: DictConfig) -> None:
         trainer.train()
     finally:
         trainer.close()
-        # The trainer's modules hold its process groups in reference cycles: free them now,
-        # not in the interpreter's teardown, where gloo's threads can abort the process
-        del trainer
-        gc.collect()
     log.info("run dir: %s", run_dir)
 
 

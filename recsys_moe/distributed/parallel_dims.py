@@ -24,7 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import functools
+import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -43,6 +46,23 @@ import torch.distributed.optim  # noqa: F401
 from recsys_moe.config.schema import ParallelConfig
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _free_groups_before_teardown() -> None:
+    """Registers, once per process, an exit hook that frees what is left of the process groups
+    while the interpreter is whole (atexit runs before its teardown, where freeing a gloo group
+    can abort the process). A closed trainer still holds its destroyed groups in reference
+    cycles, which only the collector frees; after an error, its traceback kept them alive until
+    then. Measured on `python -m recsys_moe.train`: a gloo group's 3 threads alive at exit
+    without this hook, whether the run finished or failed; none with it."""
+
+    def free() -> None:
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(free)
 
 
 def pick_device(pref: str, local_rank: int) -> torch.device:
@@ -171,6 +191,7 @@ class ParallelDims:
                     backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
                 )
             self.owns_default_group = True
+            _free_groups_before_teardown()
         if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
             raise RuntimeError(
                 f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) is not "

@@ -76,24 +76,30 @@ runpy.run_module("recsys_moe.train", run_name="__main__")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
-def test_a_finished_run_leaves_no_process_group_to_the_interpreters_teardown(
-    small_default_data, tmp_path
+@pytest.mark.parametrize("ends", ["finished", "failed"])
+def test_a_run_leaves_no_process_group_to_the_interpreters_teardown(
+    ends, small_default_data, tmp_path
 ):
-    """A process group freed in the interpreter's teardown can abort the process there (gloo's
+    """A process group freed in the interpreter's teardown can abort the process (gloo's
     threads: "terminate called without an active exception"), and torchrun then restarts or
-    fails a run that had finished. The run must free its groups itself: destroy_process_group
-    alone leaves them alive while the trainer's reference cycles or torch's ZeroRedundancy
-    module (which binds dist.group.WORLD as a default argument) hold them."""
+    fails a run that had finished, or reports a failed one as killed. The run must free its
+    groups itself: destroy_process_group alone leaves them alive while the trainer's reference
+    cycles (or a failed run's traceback) or torch's ZeroRedundancy module (which binds
+    dist.group.WORLD as a default argument) hold them. "failed": the data path is missing, an
+    error raised after the groups exist."""
+    data = small_default_data if ends == "finished" else tmp_path / "missing"
     r = _run(
         "-c",
         _COUNT_GLOO_THREADS_AT_EXIT,
-        f"data.path={small_default_data}",
+        f"data.path={data}",
         "logger=none",
         "trainer.max_steps=2",
         "trainer.eval_every=0",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == (0 if ends == "finished" else 1), r.stderr[-3000:]
+    if ends == "failed":
+        assert "does not exist" in r.stderr, r.stderr[-3000:]
     assert "gloo threads at exit: 0" in r.stdout, r.stdout[-2000:]
 
 
