@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from recsys_moe.config.schema import DataConfig, GateConfig, GateType, ModelConfig, TrainConfig
@@ -36,16 +37,22 @@ def dselect_k_from_start() -> GateConfig:
     )
 
 
-def gloo_threads() -> int:
+def gloo_threads(settle_s: float = 0.0) -> int:
     """The threads of this process's live gloo process groups (Linux: /proc): each group runs
-    a tcp loop and two work threads until it is freed."""
-    names = []
-    for t in os.listdir("/proc/self/task"):
-        try:
-            names.append(Path(f"/proc/self/task/{t}/comm").read_text())
-        except OSError:  # the thread ended meanwhile
-            pass
-    return sum(n.startswith(("gloo", "pt_gloo")) for n in names)
+    a tcp loop and two work threads until it is freed. settle_s: count again for up to that
+    long while any is left (a thread just joined can linger in /proc for a moment)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        names = []
+        for t in os.listdir("/proc/self/task"):
+            try:
+                names.append(Path(f"/proc/self/task/{t}/comm").read_text())
+            except OSError:  # the thread ended meanwhile
+                pass
+        count = sum(n.startswith(("gloo", "pt_gloo")) for n in names)
+        if count == 0 or time.monotonic() >= deadline:
+            return count
+        time.sleep(0.05)
 
 
 def small_model(m: ModelConfig) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.optim  # noqa: F401 - before the group exists: see parallel_dims
 import torch.multiprocessing as mp
 
 

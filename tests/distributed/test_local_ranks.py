@@ -19,7 +19,7 @@ def _group_in_a_cycle(rank: int, out: str) -> int:
     holder: dict = {"group": dist.new_group([0, 1])}
     holder["self"] = holder
     dist.barrier(group=holder["group"])
-    atexit.register(lambda: Path(out, f"rank{rank}").write_text(str(gloo_threads())))
+    atexit.register(lambda: Path(out, f"rank{rank}").write_text(str(gloo_threads(settle_s=1.0))))
     return gloo_threads()
 
 

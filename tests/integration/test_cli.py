@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +13,14 @@ import yaml
 from tests.conftest import REPO
 
 
-def _run(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd=REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -69,14 +75,14 @@ _COUNT_GLOO_THREADS_AT_EXIT = """
 import atexit, runpy, sys
 from tests.tests_support import gloo_threads
 
-atexit.register(lambda: print("gloo threads at exit:", gloo_threads()))
+atexit.register(lambda: print("gloo threads at exit:", gloo_threads(settle_s=1.0)))
 sys.argv = ["recsys_moe.train", *sys.argv[1:]]
 runpy.run_module("recsys_moe.train", run_name="__main__")
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
-@pytest.mark.parametrize("ends", ["finished", "failed"])
+@pytest.mark.parametrize("ends", ["finished", "failed", "failed_uncaught"])
 def test_a_run_leaves_no_process_group_to_the_interpreters_teardown(
     ends, small_default_data, tmp_path
 ):
@@ -86,7 +92,8 @@ def test_a_run_leaves_no_process_group_to_the_interpreters_teardown(
     groups itself: destroy_process_group alone leaves them alive while the trainer's reference
     cycles (or a failed run's traceback) or torch's ZeroRedundancy module (which binds
     dist.group.WORLD as a default argument) hold them. "failed": the data path is missing, an
-    error raised after the groups exist."""
+    error raised after the groups exist; "failed_uncaught": the same error left uncaught by
+    Hydra (HYDRA_FULL_ERROR=1), so that sys.last_traceback holds it at exit."""
     data = small_default_data if ends == "finished" else tmp_path / "missing"
     r = _run(
         "-c",
@@ -96,9 +103,10 @@ def test_a_run_leaves_no_process_group_to_the_interpreters_teardown(
         "trainer.max_steps=2",
         "trainer.eval_every=0",
         f"hydra.run.dir={tmp_path / 'run'}",
+        env={"HYDRA_FULL_ERROR": "1" if ends == "failed_uncaught" else "0"},
     )
     assert r.returncode == (0 if ends == "finished" else 1), r.stderr[-3000:]
-    if ends == "failed":
+    if ends != "finished":
         assert "does not exist" in r.stderr, r.stderr[-3000:]
     assert "gloo threads at exit: 0" in r.stdout, r.stdout[-2000:]
 

@@ -138,7 +138,7 @@ class AllToAllDispatcher:
         expert_ids = d_P * L + l_P
         if sparse:
             use_pairs, use_tasks = pair_uses(nonzero_TBN, b_P, expert_ids)
-        else:  # dense: every task mixes every expert, as the dense einsum does
+        else:  # dense: every task mixes every expert, as the local dense combine does
             P = b_P.numel()
             use_pairs = torch.arange(P, device=dev).repeat(T)
             use_tasks = torch.arange(T, device=dev).repeat_interleave(P)

@@ -76,9 +76,10 @@ class LocalDispatcher:
         """y[t, b] = sum_e weights[t, b, e] f_e(x_b): [T, B, O]. f is [N, B, O] (dense) or
         [P, O] (grouped)."""
         if not plan.grouped:
-            # per example, [T, N] @ [N, O], the operands read in place: einsum("tbn,nbo->tbo")
-            # makes this same bmm (the same values, to the bit) with more operator calls around
-            # it (0.77-0.93 of its forward + backward time, batch 512 and 2048, 1 and 2 threads)
+            # per example, [T, N] @ [N, O], the operands read in place: for N > 1,
+            # einsum("tbn,nbo->tbo") makes this same bmm (the same values, to the bit) with more
+            # operator calls around it (0.77-0.93 of its forward + backward time, batch 512 and
+            # 2048, 1 and 2 threads); for one expert it multiplied and summed instead
             return torch.bmm(weights_TBN.transpose(0, 1), f.transpose(0, 1)).transpose(0, 1)
         return combine_pairs(
             f, weights_TBN, plan.example_ids, plan.expert_ids, plan.use_pairs, plan.use_tasks
