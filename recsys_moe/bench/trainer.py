@@ -47,7 +47,6 @@ are recorded: big batches depend on them (launch/env.sh; README, "Benchmarks").
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import math
 import os
@@ -65,7 +64,7 @@ from torch import nn
 
 from recsys_moe.bench.common import environment, measure, median_ms, table, write_report
 from recsys_moe.config.schema import GateType, TrainConfig
-from recsys_moe.distributed.parallel_dims import backend_for
+from recsys_moe.distributed.parallel_dims import backend_for, free_process_groups
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # The default job: conf/train.yaml on the default synthetic data (200,000 rows, batch 512,
@@ -357,8 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if created:  # leave the process as it was (e.g. a test process)
-            gc.collect()  # the closed trainers' groups, held in reference cycles (train.py)
-            dist.destroy_process_group()
+            free_process_groups()  # with the closed trainers' groups, held in reference cycles
 
 
 def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 from collections.abc import Callable
@@ -11,8 +10,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.optim  # noqa: F401 - before the group exists: see parallel_dims
 import torch.multiprocessing as mp
+
+# parallel_dims, imported here before any group exists, also imports torch.distributed.optim
+# early (see there): a rank function importing TorchRec only inside the rank binds no group
+from recsys_moe.distributed.parallel_dims import free_process_groups
 
 
 def run_gloo_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
@@ -39,10 +41,8 @@ def _rank(rank: int, world: int, backend: str, port: int, fn, args: tuple, out) 
     try:
         out[rank] = fn(rank, *args)
     finally:
-        # what fn built (trainers, models) can hold process groups in reference cycles: free
-        # them now, not in the interpreter's teardown, where gloo's threads can abort the rank
-        gc.collect()
-        dist.destroy_process_group()
+        # what fn built (trainers, models) can hold process groups in reference cycles
+        free_process_groups()
 
 
 def free_port() -> int:

@@ -49,6 +49,16 @@ from recsys_moe.config.schema import ParallelConfig
 log = logging.getLogger(__name__)
 
 
+def free_process_groups() -> None:
+    """Frees the process groups now: collects the reference cycles that still hold destroyed
+    ones (a closed trainer's), then destroys the default group, and with it every group, if it
+    is still up. For the end of a process, while its interpreter is whole: a gloo group freed
+    in the interpreter's teardown can abort the process."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @functools.cache
 def _free_groups_before_teardown() -> None:
     """Registers, once per process, an exit hook that frees what is left of the process groups
@@ -65,9 +75,7 @@ def _free_groups_before_teardown() -> None:
         for name in ("last_type", "last_value", "last_traceback", "last_exc"):
             if getattr(sys, name, None) is not None:
                 setattr(sys, name, None)
-        gc.collect()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        free_process_groups()
 
     atexit.register(free)
 
