@@ -4,8 +4,8 @@
 
 For each number of experts n (default 8, 16, 64), forward + backward, median over repeats:
 - gate: the per-example DSelect-k gate (k = 2) vs the per-example softmax gate, same input, for
-  each DSelect-k kernel (model.gate.kernel: reference, fused, compiled); ratio
-  `dselect_k_gate_vs_softmax_gate` for --kernel (default fused, the configured default; goal
+  each DSelect-k kernel (model.gate.kernel: reference, fused, native, compiled); ratio
+  `dselect_k_gate_vs_softmax_gate` for --kernel (default native, the configured default; goal
   <= 1.5 at n = 16), `dselect_k_<kernel>_gate_vs_softmax_gate` for each;
 - MoE layer with T = 4 converged k-sparse DSelect-k gates (every selector saturated, each example
   routed to its own experts): sparse expert compute vs dense; ratio `sparse_vs_dense_moe` next to
@@ -116,12 +116,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument(
         "--kernels",
         nargs="+",
-        default=["reference", "fused", "compiled"],
-        choices=["reference", "fused", "compiled"],
+        default=["reference", "fused", "native", "compiled"],
+        choices=["reference", "fused", "native", "compiled"],
         help="DSelect-k kernels measured (model.gate.kernel)",
     )
     p.add_argument(
-        "--kernel", default="fused", help="the kernel of the headline ratio (the config default)"
+        "--kernel", default="native", help="the kernel of the headline ratio (the config default)"
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -63,6 +63,7 @@ class GateKernel(str, Enum):
     reference = "reference"  # eager autograd through the paper's formulas (the reference)
     fused = "fused"  # one autograd Function, batch-last layout, hand-written backward
     compiled = "compiled"  # fused, its forward and backward compiled by torch.compile
+    native = "native"  # fused, its math as two numba loops on CPU (fused's torch math elsewhere)
 
 
 class ExpertKernel(str, Enum):
@@ -193,8 +194,8 @@ class GateConfig:
     entropy_start_step: Optional[int] = None
     entropy_warmup_steps: Optional[int] = None
     noise: Optional[bool] = None  # topk: Shazeer et al.'s trainable noise (training only)
-    # dselect_k: reference | fused | compiled (torch.compile: needs a C++ compiler on CPU,
-    # Triton on CUDA); the same values and gradients, fused and compiled faster
+    # dselect_k: reference | fused | native (numba loops on CPU) | compiled (torch.compile: needs
+    # a C++ compiler on CPU, Triton on CUDA); the same values and gradients, the others faster
     kernel: Optional[GateKernel] = None
     # dselect_k: outside training (eval, predict, export) round the selectors, so every example
     # gets at most k experts exactly; training always uses the soft (paper's) gate

@@ -102,13 +102,19 @@ class MultiTaskMoE(nn.Module):
         self.dispatcher = dispatcher
 
     def _sparse_path(
-        self, w_TBN: torch.Tensor, stats: dict[str, torch.Tensor]
+        self, w_TBN: torch.Tensor, stats: dict[str, torch.Tensor], pairs: Optional[int] = None
     ) -> tuple[bool, Optional[torch.Tensor]]:
         """Whether this step runs sparse, and the nonzero mask when it was computed. `auto`
         decides on the active fraction that the dispatcher's group agrees on, so every rank of
-        an expert-parallel group takes the same path (and runs the same collectives)."""
+        an expert-parallel group takes the same path (and runs the same collectives).
+        pairs: the active (example, expert) pairs where the gates counted them already."""
         if self.compute == ExpertCompute.dense or not self.any_sparse_gate:
             return False, None
+        if self.compute == ExpertCompute.auto and pairs is not None:
+            _, b, n = w_TBN.shape
+            frac = torch.tensor(pairs / max(b * n, 1), dtype=torch.float32, device=w_TBN.device)
+            stats["active_fraction"] = frac = self.dispatcher.agree(frac)
+            return frac.item() <= self.sparse_max_active_fraction, None  # the plan masks
         nonzero_TBN = w_TBN.detach() != 0  # reused by the plan
         frac = nonzero_TBN.any(0).float().mean()
         if self.compute == ExpertCompute.sparse:
@@ -122,9 +128,9 @@ class MultiTaskMoE(nn.Module):
         with torch.autocast(x_BD.device.type, enabled=False):  # gates in full precision
             x_gate = x_BD.float() if x_BD.element_size() < 4 else x_BD
             # DSelect-k's: one fused call, whose [T, B, N] output is w_TBN itself
-            outs, w_TBN = stacked_forward_gates(self.gates, x_gate)
+            outs, w_TBN, pairs = stacked_forward_gates(self.gates, x_gate)
         stats: dict[str, torch.Tensor] = {}
-        sparse, nonzero_TBN = self._sparse_path(w_TBN, stats)
+        sparse, nonzero_TBN = self._sparse_path(w_TBN, stats, pairs)
         plan = self.dispatcher.plan(w_TBN.detach(), sparse, nonzero_TBN)
         x_in = self.dispatcher.dispatch(x_BD if amp is None else x_BD.to(amp), plan)
         f = self.experts.forward_grouped(x_in, plan.counts) if plan.grouped else self.experts(x_in)

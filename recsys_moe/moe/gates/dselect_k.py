@@ -119,8 +119,9 @@ class DSelectKGate(Gate):
     gradient flows through the rounding (eval only).
 
     kernel: "reference" computes the per-example gate with the eager formulas below (the
-    reference); "fused" and "compiled" compute the same values and gradients in one autograd
-    Function (moe/gates/dselect_k_fused.py). Static gates always take the reference path.
+    reference); "fused", "native" and "compiled" compute the same values and gradients in one
+    autograd Function (moe/gates/dselect_k_fused.py; native: its math as numba loops on CPU,
+    dselect_k_native.py). Static gates always take the reference path.
 
     Example:
         >>> gate = DSelectKGate(num_experts=16, in_dim=32, k=2)
@@ -336,8 +337,10 @@ def _check(num_experts: int, k: int, gamma: float, entropy_reg: float) -> None:
 
 
 def _check_kernel(kernel: str) -> None:
-    if str(getattr(kernel, "value", kernel)) not in ("reference", "fused", "compiled"):
-        raise ValueError(f"model.gate.kernel ({kernel}) must be reference, fused or compiled")
+    if str(getattr(kernel, "value", kernel)) not in ("reference", "fused", "compiled", "native"):
+        raise ValueError(
+            f"model.gate.kernel ({kernel}) must be reference, fused, compiled or native"
+        )
 
 
 def _check_schedule(name: str, steps: Optional[int], fraction: float) -> None:

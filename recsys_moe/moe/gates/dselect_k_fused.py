@@ -1,4 +1,4 @@
-"""DSelect-k's per-example gates as one autograd Function (model.gate.kernel=fused|compiled).
+"""DSelect-k's per-example gates as one autograd Function (model.gate.kernel=fused|native|compiled).
 
 Legend: T = gates (tasks) computed together, B = examples, D = gate input width,
 H = K*M + K affine outputs per gate, K = selectors, M = bits per code, C = 2^M codes,
@@ -19,7 +19,10 @@ test_dselect_k_fused.py checks them in float64), computed differently:
   (at the default job's batch of 512, per-call overhead is most of a gate's time);
 - `compiled` runs the forward and backward math each as one torch.compile'd kernel (inductor: a
   C++ loop on CPU, Triton on CUDA); the first call of each shape compiles (seconds), later ones
-  reuse it (batch sizes become dynamic after the first change).
+  reuse it (batch sizes become dynamic after the first change);
+- `native` runs them each as one numba loop on CPU tensors (dselect_k_native.py: compiled once
+  per dtype and cached on disk; forward also counts the active (example, expert) pairs for the
+  layer's sparse/dense decision) and as `fused` elsewhere.
 
 Static gates (per_example=false) compute their weights once per batch on [K, N], not per
 example: they keep the reference path whatever the kernel.
@@ -170,44 +173,79 @@ def _run(compiled: bool, which: int, *args):
 
 class _DSelectKFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, compiled, hard):
+    def forward(ctx, x_BD, w_THD, b_TH, k, m, n, with_entropy, with_reach, kernel, hard, pairs):
         t, h, d = w_THD.shape
         lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
-        w_TBN, ent, reach, u, s, mix, d_ent, prefixes = _run(
-            compiled, 0, lin.view(t, h, x_BD.shape[0]), k, m, n, with_entropy, with_reach, hard
-        )
-        ctx.save_for_backward(x_BD, w_THD, u, s, mix, d_ent, *prefixes)
-        ctx.options = (n, with_reach, compiled, hard)
+        lin = lin.view(t, h, x_BD.shape[0])
+        native = kernel == "native" and dselect_k_native_available(x_BD)
+        if native:  # one compiled loop each way (dselect_k_native.py)
+            from recsys_moe.moe.gates.dselect_k_native import forward_native
+
+            w_TBN, ent, reach, u, mix, d_ent, pairs[0] = forward_native(
+                lin, k, m, n, with_entropy, with_reach, hard, ENTROPY_EPS, REACH_EPS
+            )
+            ctx.save_for_backward(x_BD, w_THD, lin, mix, d_ent)
+        else:
+            w_TBN, ent, reach, u, s, mix, d_ent, prefixes = _run(
+                kernel == "compiled", 0, lin, k, m, n, with_entropy, with_reach, hard
+            )
+            ctx.save_for_backward(x_BD, w_THD, u, s, mix, d_ent, *prefixes)
+        ctx.options = (k, m, n, with_reach, kernel == "compiled", hard, native)
         ctx.mark_non_differentiable(u)
         return w_TBN, ent, reach, u
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_w_TBN, grad_ent, grad_reach, _grad_u):
-        x_BD, w_THD, u, s, mix, d_ent, *prefixes = ctx.saved_tensors
-        n, with_reach, compiled, hard = ctx.options
-        if hard:  # rounded selectors: S is a step, flat almost everywhere; alpha still mixes
-            u = torch.where((u > 0.0) & (u < 1.0), s, u)  # saturated there: 6u(1 - u) = 0
-        g_THB = _run(
-            compiled,
-            1,
-            grad_w_TBN.contiguous(),
-            grad_ent,
-            grad_reach,
-            u,
-            s,
-            mix,
-            d_ent,
-            prefixes,
-            n,
-            with_reach,
-        )
+        k, m, n, with_reach, compiled, hard, native = ctx.options
+        if native:
+            from recsys_moe.moe.gates.dselect_k_native import backward_native
+
+            x_BD, w_THD, lin, mix, d_ent = ctx.saved_tensors
+            g_THB = backward_native(
+                lin,
+                mix,
+                grad_w_TBN,
+                grad_ent,
+                grad_reach,
+                d_ent,
+                k,
+                m,
+                n,
+                with_reach,
+                hard,
+                REACH_EPS,
+            )
+        else:
+            x_BD, w_THD, u, s, mix, d_ent, *prefixes = ctx.saved_tensors
+            if hard:  # rounded selectors: S is a step, flat almost everywhere; alpha still mixes
+                u = torch.where((u > 0.0) & (u < 1.0), s, u)  # saturated there: 6u(1 - u) = 0
+            g_THB = _run(
+                compiled,
+                1,
+                grad_w_TBN.contiguous(),
+                grad_ent,
+                grad_reach,
+                u,
+                s,
+                mix,
+                d_ent,
+                prefixes,
+                n,
+                with_reach,
+            )
         t, h, d = w_THD.shape
         g = g_THB.reshape(t * h, x_BD.shape[0])  # [T*H, B]
         grad_x = g.t() @ w_THD.reshape(t * h, d) if ctx.needs_input_grad[0] else None
         grad_w = (g @ x_BD).view(t, h, d) if ctx.needs_input_grad[1] else None
         grad_b = g.sum(1).view(t, h) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def dselect_k_native_available(x: torch.Tensor) -> bool:
+    """Whether kernel=native runs its compiled loops on x (CPU float32/float64), rather than
+    the fused kernel's torch math."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
 def _batch_key(gate: Gate):
@@ -227,9 +265,11 @@ def forward_gates(gates: Sequence[Gate], x_BD: torch.Tensor) -> list[GateOutput]
 
 def stacked_forward_gates(
     gates: Sequence[Gate], x_BD: torch.Tensor
-) -> tuple[list[GateOutput], torch.Tensor]:
-    """forward_gates, and every gate's weights stacked, [T, B, N]: the fused call's own output
-    where it computed every gate (no copy, and no T slices to gather again in backward)."""
+) -> tuple[list[GateOutput], torch.Tensor, Optional[int]]:
+    """forward_gates, every gate's weights stacked, [T, B, N] (the fused call's own output
+    where it computed every gate: no copy, and no T slices to gather again in backward), and
+    the number of (example, expert) pairs to which some gate gives a nonzero weight where the
+    native kernel computed every gate and counted them (else None)."""
     groups: dict[Any, list[int]] = {}
     for i, gate in enumerate(gates):
         groups.setdefault(_batch_key(gate), []).append(i)
@@ -239,12 +279,12 @@ def stacked_forward_gates(
             for i in members:
                 outs[i] = gates[i](x_BD)
             continue
-        group_outs, weights_TBN = _fused([gates[i] for i in members], x_BD, *key[3:])
+        group_outs, weights_TBN, pairs = _fused([gates[i] for i in members], x_BD, *key[3:])
         if len(members) == len(gates):  # one fused call computed them all, in order
-            return group_outs, weights_TBN
+            return group_outs, weights_TBN, pairs
         for i, out in zip(members, group_outs):
             outs[i] = out
-    return outs, torch.stack([o.weights for o in outs])  # type: ignore[union-attr]
+    return outs, torch.stack([o.weights for o in outs]), None  # type: ignore[union-attr]
 
 
 def fused_forward(gate: DSelectKGate, x_BD: torch.Tensor) -> GateOutput:
@@ -259,9 +299,10 @@ def _fused(
     with_entropy: bool,
     with_reach: bool,
     hard: bool = False,
-) -> tuple[list[GateOutput], torch.Tensor]:
+) -> tuple[list[GateOutput], torch.Tensor, Optional[int]]:
     """The GateOutputs of the reference forward (weights, aux_loss, stats) for gates of one
-    shape, in one _DSelectKFunction call, and their weights [T, B, N]."""
+    shape, in one _DSelectKFunction call, their weights [T, B, N], and the number of
+    (example, expert) pairs with a nonzero weight in some of them (native kernel; else None)."""
     g0 = gates[0]
     # u = Z / gamma + 1/2 folded into each map, as the reference does (stacked once for all)
     scale = torch.stack([g.fold_scale for g in gates])  # [T, H]
@@ -269,6 +310,7 @@ def _fused(
     b = torch.stack([g.proj.bias for g in gates]) * scale + torch.stack(
         [g.fold_shift for g in gates]
     )
+    pairs = [None]  # the native kernel counts the active (example, expert) pairs here
     weights_TBN, ent_T, reach_T, u = _DSelectKFunction.apply(
         x_BD,
         w,
@@ -278,8 +320,9 @@ def _fused(
         g0.num_experts,
         with_entropy,
         with_reach,
-        g0.kernel == "compiled",
+        g0.kernel,
         hard,
+        pairs,
     )
     u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
     lams = [gate.current_entropy_reg() for gate in gates]
@@ -294,7 +337,7 @@ def _fused(
         GateOutput(weights=weights_TBN[t], aux_loss=aux[t], stats_fn=_stats(gate, u_TKMB[t], lam))
         for t, (gate, lam) in enumerate(zip(gates, lams))
     ]
-    return outs, weights_TBN
+    return outs, weights_TBN, pairs[0]
 
 
 def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: torch.Tensor):

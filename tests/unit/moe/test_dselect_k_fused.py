@@ -1,5 +1,5 @@
-"""model.gate.kernel=fused and compiled equal the eager reference (float64): weights, the
-regularisers, the stats, and the gradients of the input and of every parameter."""
+"""model.gate.kernel=fused, native and compiled equal the eager reference (float64): weights,
+the regularisers, the stats, and the gradients of the input and of every parameter."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from recsys_moe.moe.gates import dselect_k_fused as fused_module
 from recsys_moe.moe.gates.dselect_k_fused import forward_gates, stacked_forward_gates
 
 B, D = 37, 6
+# the kernels of _DSelectKFunction without a compiler: torch operators, and numba loops on CPU
+KERNELS = ["fused", "native"]
 
 
 def _pair(n: int, k: int, entropy_reg: float, kernel: str):
@@ -62,20 +64,22 @@ def _assert_equal(ref: DSelectKGate, other: DSelectKGate, train: bool) -> None:
         torch.testing.assert_close(got.stats[key], want.stats[key], msg=key, **close)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n, k", [(16, 2), (8, 4), (6, 2), (5, 3), (2, 1), (1, 1)])
 @pytest.mark.parametrize("train", [True, False])
-def test_fused_equals_the_reference(n, k, train):
-    ref, fused = _pair(n, k, entropy_reg=0.3, kernel="fused")
+def test_fused_equals_the_reference(n, k, train, kernel):
+    ref, fused = _pair(n, k, entropy_reg=0.3, kernel=kernel)
     _assert_equal(ref, fused, train)
     w = fused(torch.randn(B, D)).weights
     if n > 1:  # the states the setup promises: exact zeros, and weights strictly inside (0, 1)
         assert (w == 0).any() and ((w > 0) & (w < 1)).any()
 
 
-def test_a_layers_gates_in_one_call_equal_each_gate_on_its_own(monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_layers_gates_in_one_call_equal_each_gate_on_its_own(monkeypatch, kernel):
     """forward_gates: the per-example DSelect-k gates of one shape share one fused call (here
     three of them, with different parameters and gammas), the others run on their own."""
-    pairs = [_pair(6, 2, entropy_reg=0.3, kernel="fused") for _ in range(3)]
+    pairs = [_pair(6, 2, entropy_reg=0.3, kernel=kernel) for _ in range(3)]
     with torch.no_grad():
         for i, (ref, fused) in enumerate(pairs):
             ref.proj.weight.mul_(1.0 + i)
@@ -115,16 +119,18 @@ def test_a_layers_gates_in_one_call_equal_each_gate_on_its_own(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_without_entropy_regulariser():
-    ref, fused = _pair(8, 2, entropy_reg=0.0, kernel="fused")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_without_entropy_regulariser(kernel):
+    ref, fused = _pair(8, 2, entropy_reg=0.0, kernel=kernel)
     _assert_equal(ref, fused, train=True)
 
 
-def test_fused_gradcheck():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_gradcheck(kernel):
     """Against finite differences, inside the smooth-step window (where the gate is smooth),
     with both regularisers on (n = 6: the reachability penalty too)."""
     torch.manual_seed(0)
-    fused = DSelectKGate(6, D, k=2, gamma=0.7, entropy_reg=0.3, kernel="fused")
+    fused = DSelectKGate(6, D, k=2, gamma=0.7, entropy_reg=0.3, kernel=kernel)
     fused.set_train_progress(5, 10)
     with torch.no_grad():
         fused.proj.weight.mul_(20.0)
@@ -162,12 +168,13 @@ def test_unknown_kernel_names_the_key():
         DSelectKGate(8, D, kernel="triton")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("mixed", [False, True])
-def test_stacked_weights_are_the_gates_own_with_the_same_gradients(mixed):
+def test_stacked_weights_are_the_gates_own_with_the_same_gradients(mixed, kernel):
     """stacked_forward_gates hands the layer every gate's weights as one [T, B, N] tensor: the
     fused call's output where it computed all the gates, a stack where another gate runs on its
     own; either way the same values and gradients as stacking the GateOutputs' weights."""
-    gates = [_pair(6, 2, entropy_reg=0.3, kernel="fused")[1] for _ in range(3)]
+    gates = [_pair(6, 2, entropy_reg=0.3, kernel=kernel)[1] for _ in range(3)]
     with torch.no_grad():
         for i, gate in enumerate(gates):
             gate.proj.weight.mul_(1.0 + i)
@@ -179,7 +186,7 @@ def test_stacked_weights_are_the_gates_own_with_the_same_gradients(mixed):
 
     def run(stacked: bool):
         xg = x.clone().requires_grad_()
-        outs, w = stacked_forward_gates(gates, xg)
+        outs, w, _ = stacked_forward_gates(gates, xg)
         if not stacked:
             w = torch.stack([o.weights for o in outs])
         ((w * up).sum() + sum(o.aux_loss for o in outs)).backward()
@@ -194,10 +201,11 @@ def test_stacked_weights_are_the_gates_own_with_the_same_gradients(mixed):
         assert torch.equal(got, want)
 
 
-def test_before_the_entropy_schedule_starts_its_term_is_not_computed_and_changes_nothing():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_before_the_entropy_schedule_starts_its_term_is_not_computed_and_changes_nothing(kernel):
     """lambda = 0 (the first half of the default schedule): the entropy term is skipped in both
     kernels (lambda * H = 0, no gradient), with the values, gradients and aux dtype of before."""
-    ref, fused = _pair(8, 2, entropy_reg=0.5, kernel="fused")
+    ref, fused = _pair(8, 2, entropy_reg=0.5, kernel=kernel)
     for g in (ref, fused):
         g.entropy_start_fraction = 0.5
         g.set_train_progress(4, 10)  # lambda starts at step 5
@@ -208,3 +216,22 @@ def test_before_the_entropy_schedule_starts_its_term_is_not_computed_and_changes
     assert out.aux_loss.item() == 0.0 and out.aux_loss.dtype == torch.float64
     fused.set_train_progress(5, 10)
     assert fused.entropy_on and fused_module._batch_key(fused)[3] is True
+
+
+@pytest.mark.parametrize("n, k", [(16, 2), (6, 2), (1, 1)])
+def test_native_counts_the_pairs_some_gate_weights(n, k):
+    """The native kernel's forward counts the (example, expert) pairs to which some gate gives
+    a nonzero weight (the MoE layer's sparse/dense decision); the fused kernel leaves it to the
+    layer (None)."""
+    for kernel in KERNELS:
+        gates = [_pair(n, k, entropy_reg=0.3, kernel=kernel)[1] for _ in range(3)]
+        with torch.no_grad():
+            for i, gate in enumerate(gates):
+                gate.proj.weight.mul_(1.0 + i)
+        _, w, pairs = stacked_forward_gates(gates, torch.randn(B, D))
+        if kernel == "fused":
+            assert pairs is None
+            continue
+        assert pairs == int((w != 0).any(0).sum())
+        if n > 1:
+            assert 0 < pairs < B * n  # some pairs off, some on: the count is not trivial

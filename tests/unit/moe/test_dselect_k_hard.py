@@ -31,7 +31,7 @@ def _x(seed: int = 0) -> torch.Tensor:
     return torch.randn(B, D, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kernel", ["reference", "fused"])
+@pytest.mark.parametrize("kernel", ["reference", "fused", "native"])
 @pytest.mark.parametrize("n, k", [(16, 2), (8, 4), (6, 2), (5, 3)])
 def test_hard_eval_gives_at_most_k_experts_where_the_soft_gate_gives_more(kernel, n, k):
     hard = _gate(n, k, kernel, hard=True)
@@ -50,7 +50,7 @@ def test_hard_eval_gives_at_most_k_experts_where_the_soft_gate_gives_more(kernel
     torch.testing.assert_close(w_hard, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "fused"])
+@pytest.mark.parametrize("kernel", ["reference", "fused", "native"])
 def test_where_every_selector_saturated_hard_and_soft_weights_are_equal(kernel):
     hard = _gate(16, 2, kernel, hard=True, scale=1e3)
     soft = _gate(16, 2, kernel, hard=False, scale=1e3)
@@ -59,7 +59,7 @@ def test_where_every_selector_saturated_hard_and_soft_weights_are_equal(kernel):
     assert torch.equal(hard(x).weights, soft(x).weights)
 
 
-@pytest.mark.parametrize("kernel", ["reference", "fused"])
+@pytest.mark.parametrize("kernel", ["reference", "fused", "native"])
 def test_training_ignores_hard_inference(kernel):
     hard = _gate(8, 2, kernel, hard=True).train()
     soft = _gate(8, 2, kernel, hard=False).train()
@@ -72,7 +72,7 @@ def test_training_ignores_hard_inference(kernel):
     assert ((out_h.weights > 0).sum(-1) > 2).any()
 
 
-@pytest.mark.parametrize("kernel", ["reference", "fused"])
+@pytest.mark.parametrize("kernel", ["reference", "fused", "native"])
 def test_hard_eval_stats_are_the_soft_selectors(kernel):
     hard, soft = _gate(8, 2, kernel, hard=True), _gate(8, 2, kernel, hard=False)
     x = _x()

@@ -15,10 +15,12 @@ from recsys_moe.moe.layer import MultiTaskMoE
 B, D, N, T, OUT = 48, 10, 16, 4, 6  # examples, input width, experts, tasks, expert output
 
 
-def _dselect_gates(per_example: bool):
+def _dselect_gates(per_example: bool, kernel: str = "fused"):
     gates = []
     for t in range(T):
-        g = DSelectKGate(N, D, k=2, gamma=1.0, per_example=per_example, entropy_reg=0.2)
+        g = DSelectKGate(
+            N, D, k=2, gamma=1.0, per_example=per_example, entropy_reg=0.2, kernel=kernel
+        )
         with torch.no_grad():
             # tasks 0, 1: every bit saturated; task 2: selector 0 saturated, selector 1 in 2 of
             # its 4 bits; task 3: selector 1 in 3 of its 4 bits. Saturated bits: |z| >> gamma/2.
@@ -102,6 +104,42 @@ def test_auto_switches_on_the_active_fraction():
     )
     out = dense_gates(x)
     assert out.stats["sparse"].item() == 0.0 and "active_fraction" not in out.stats  # no sync spent
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.6])
+def test_auto_on_the_native_kernels_count_decides_as_on_the_weights(threshold):
+    """model.gate.kernel=native counts the active (example, expert) pairs in its forward loop,
+    and `auto` decides on that count: the same fraction, path, outputs and gradients as the
+    fused kernel, whose layer measures the fraction on the weights."""
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for kernel in ("fused", "native"):
+        torch.manual_seed(0)
+        gates = _dselect_gates(per_example=True, kernel=kernel)
+        torch.manual_seed(1)
+        moe = MultiTaskMoE(
+            ExpertBank(N, D, [8], OUT),
+            gates,
+            compute=ExpertCompute.auto,
+            sparse_max_active_fraction=threshold,
+        )
+        xg = x.clone().requires_grad_()
+        out = moe(xg)
+        ((out.y * torch.linspace(-1, 1, OUT)).pow(2).sum() + out.aux_loss).backward()
+        w = torch.stack([g.weights for g in out.gates])
+        runs[kernel] = (out, xg.grad, {n: p.grad for n, p in moe.named_parameters()}, w)
+    (fused, fx, fg, fw), (native, nx, ng, nw) = runs["fused"], runs["native"]
+    frac = (nw != 0).any(0).float().mean()
+    assert 0.2 < frac < 0.6  # between the thresholds: one run of each path
+    assert native.stats["active_fraction"].item() == frac.item()
+    assert fused.stats["active_fraction"].item() == frac.item()
+    assert native.stats["sparse"].item() == fused.stats["sparse"].item() == float(threshold > 0.5)
+    close = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(native.y, fused.y, **close)
+    torch.testing.assert_close(nw, fw, **close)
+    torch.testing.assert_close(nx, fx, **close)
+    for name in fg:
+        torch.testing.assert_close(ng[name], fg[name], msg=name, **close)
 
 
 def test_dispatch_plan_groups_the_union_of_tasks_by_expert():

@@ -1,0 +1,289 @@
+"""DSelect-k's per-example gate math as two compiled CPU loops (model.gate.kernel=native).
+
+Legend: T = gates, H = K*M + K affine outputs per gate, K = selectors, M = bits per code,
+C = 2^M codes, N = experts (the first N codes), B = examples.
+
+The same math as dselect_k_fused.forward_math and backward_math, on the same [T, H, B] affine
+outputs, in one numba loop each way instead of about 30 torch operators each way. At the default
+job's shapes (4 gates, 8 experts, batch 512) every one of those operators works on a few
+thousand values, so the time went to their per-call cost, not to the arithmetic. The loops
+run batch-innermost over contiguous rows, so LLVM vectorises them. Each kernel is
+compiled once per dtype and cached on disk (numba's cache=True).
+
+Forward also counts the (example, expert) pairs to which some gate gives a nonzero weight:
+the MoE layer's sparse/dense decision, which otherwise takes four operators over [T, B, N].
+
+Backward recomputes the selectors, the code tree and the mixing weights from the affine outputs
+(cheaper here than keeping them); the entropy term's derivative in r, which needs a log per
+code, is kept from forward as the fused kernel does.
+
+CPU tensors only: on other devices the `native` kernel runs the fused kernel's torch math
+(dselect_k_fused.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numba
+import numpy as np
+import torch
+
+# compiled at the first call of each dtype, then cached on disk next to this file (or in
+# numba's user cache where that is read-only); nogil: loader threads run meanwhile
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
+
+
+def _consts(dtype: torch.dtype, reach_eps: float) -> np.ndarray:
+    """The loops' constants in the data's dtype (a float64 literal would promote float32 math)."""
+    return np.array([0.0, 1.0, 2.0, 3.0, 0.5, 6.0, 0.0, reach_eps], dtype=_NP[dtype])
+
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+@_jit
+def _forward_loop(lin, mix, k, m, n, hard, with_entropy, with_reach, consts, w, u, reach, r_out):
+    """w [T, B, N], u [T*K, M, B], reach [T] and (with_entropy) the codes r_out [T, K, N, B]
+    from lin [T, H, B] and the mixing weights mix [T, K, B]; returns the number of
+    (example, expert) pairs with a nonzero weight in some gate."""
+    zero, one, reach_eps = consts[0], consts[1], consts[7]
+    t_n, _, b_n = lin.shape
+    codes = 1 << m
+    prefixes = np.empty((2 * codes, b_n), lin.dtype)  # level j at rows [2^j - 1, 2^(j+1) - 1)
+    s = np.empty((m, b_n), lin.dtype)
+    w_nb = np.empty((n, b_n), lin.dtype)
+    r_sum = np.empty(b_n, lin.dtype)
+    active = np.zeros((n, b_n), np.bool_)
+    for t in range(t_n):
+        w_nb[:] = zero
+        reach_t = zero
+        for kk in range(k):
+            for j in range(m):
+                _selector(lin[t, kk * m + j], hard, consts, u[t * k + kk, j], s[j])
+            _code_tree(s, m, one, prefixes)
+            last, mix_k = codes - 1, mix[t, kk]
+            for c in range(n):
+                r, w_c = prefixes[last + c], w_nb[c]
+                for b in range(b_n):
+                    w_c[b] += mix_k[b] * r[b]
+                if with_entropy:  # its logs are torch's (vectorised), on these codes
+                    r_out[t, kk, c] = r
+            if with_reach:
+                _code_sums(prefixes[last : last + n], zero, r_sum)
+                for b in range(b_n):
+                    reach_t += one / (r_sum[b] + reach_eps)
+        reach[t] = reach_t / b_n
+        for c in range(n):
+            w_c, act_c = w_nb[c], active[c]
+            for b in range(b_n):
+                act_c[b] |= w_c[b] != zero
+        for b in range(b_n):  # [N, B] -> the layer's [B, N]
+            for c in range(n):
+                w[t, b, c] = w_nb[c, b]
+    return active.sum()
+
+
+@_jit
+def _backward_loop(
+    lin, mix, g_w, grad_ent, grad_reach, d_ent, k, m, n, hard, with_reach, consts, g_lin
+):
+    """The gradient g_lin [T, H, B] of lin from those of w [T, B, N], the entropy [T] and the
+    reachability [T] (d_ent: the entropy's derivative in r, [T, K, N, B], or empty)."""
+    zero, one, six, reach_eps = consts[0], consts[1], consts[5], consts[7]
+    t_n, _, b_n = lin.shape
+    km, codes = k * m, 1 << m
+    with_entropy = d_ent.shape[0] > 0
+    prefixes = np.empty((2 * codes, b_n), lin.dtype)
+    grads = np.empty((codes, b_n), lin.dtype)  # dL/d(codes of the current level)
+    u = np.empty((m, b_n), lin.dtype)
+    s = np.empty((m, b_n), lin.dtype)
+    g_mix = np.empty((k, b_n), lin.dtype)
+    g_nb = np.empty((n, b_n), lin.dtype)
+    r_sum = np.empty(b_n, lin.dtype)
+    g_s = np.empty(b_n, lin.dtype)
+    dot = np.empty(b_n, lin.dtype)
+    for t in range(t_n):
+        for c in range(n):  # batch last, as everything else here
+            g_c = g_nb[c]
+            for b in range(b_n):
+                g_c[b] = g_w[t, b, c]
+        g_ent, g_reach = grad_ent[t] / b_n, grad_reach[t] / b_n
+        for kk in range(k):
+            for j in range(m):
+                _selector(lin[t, kk * m + j], hard, consts, u[j], s[j])
+            _code_tree(s, m, one, prefixes)
+            last, mix_k, g_mix_k = codes - 1, mix[t, kk], g_mix[kk]
+            if with_reach:
+                _code_sums(prefixes[last : last + n], zero, r_sum)
+            g_mix_k[:] = zero
+            for c in range(n):
+                r, g_c, out = prefixes[last + c], g_nb[c], grads[c]
+                for b in range(b_n):
+                    g_mix_k[b] += g_c[b] * r[b]
+                    out[b] = mix_k[b] * g_c[b]
+                if with_entropy:  # d(-r log(r + eps))/dr = -d_ent
+                    d_row = d_ent[t, kk, c]
+                    for b in range(b_n):
+                        out[b] -= g_ent * d_row[b]
+                if with_reach:
+                    for b in range(b_n):
+                        d = r_sum[b] + reach_eps
+                        out[b] -= g_reach / (d * d)
+            grads[n:] = zero  # unreachable codes: no gradient
+            for j in range(m - 1, -1, -1):  # walk the code tree back, level by level
+                level, s_row = (1 << j) - 1, s[j]
+                g_s[:] = zero
+                for a in range(1 << j):
+                    lo, hi, r = grads[2 * a], grads[2 * a + 1], prefixes[level + a]
+                    to = grads[a]  # a <= 2a: written after both are read
+                    for b in range(b_n):
+                        diff = hi[b] - lo[b]
+                        g_s[b] += diff * r[b]
+                        to[b] = lo[b] + diff * s_row[b]
+                u_row, out = u[j], g_lin[t, kk * m + j]
+                if hard:  # rounded selectors: S is flat where unsaturated, as the fused kernel
+                    for b in range(b_n):
+                        if zero < u_row[b] < one:
+                            u_row[b] = s_row[b]
+                for b in range(b_n):  # dS/du = 6u(1 - u): 0 where the clamp saturates
+                    out[b] = g_s[b] * (six * u_row[b] * (one - u_row[b]))
+        dot[:] = zero  # softmax backward
+        for kk in range(k):
+            mix_k, g_mix_k = mix[t, kk], g_mix[kk]
+            for b in range(b_n):
+                dot[b] += mix_k[b] * g_mix_k[b]
+        for kk in range(k):
+            mix_k, g_mix_k, out = mix[t, kk], g_mix[kk], g_lin[t, km + kk]
+            for b in range(b_n):
+                out[b] = mix_k[b] * (g_mix_k[b] - dot[b])
+
+
+@_jit
+def _selector(row, hard, consts, u_row, s_row):
+    """u = clamp(row, 0, 1) and the smooth step S = 3u^2 - 2u^3 (hard: u >= 1/2)."""
+    zero, one, two, three, half = consts[0], consts[1], consts[2], consts[3], consts[4]
+    for b in range(row.shape[0]):
+        u_row[b] = min(max(row[b], zero), one)
+    if hard:
+        for b in range(row.shape[0]):
+            s_row[b] = one if u_row[b] >= half else zero
+    else:
+        for b in range(row.shape[0]):
+            x = u_row[b]
+            s_row[b] = x * x * (three - two * x)
+
+
+@_jit
+def _code_tree(s, m, one, prefixes):
+    """Prefix products of the codes, most significant bit first: level j + 1 holds
+    R[2a + 1] = R_j[a] s_j and R[2a] = R_j[a] - R_j[a] s_j (as dselect_k_fused._codes)."""
+    prefixes[0, :] = one
+    for j in range(m):
+        src, dst, s_row = (1 << j) - 1, (1 << (j + 1)) - 1, s[j]
+        for a in range(1 << j):
+            r, lo, hi = prefixes[src + a], prefixes[dst + 2 * a], prefixes[dst + 2 * a + 1]
+            for b in range(r.shape[0]):
+                x = r[b] * s_row[b]
+                hi[b] = x
+                lo[b] = r[b] - x
+
+
+@_jit
+def _code_sums(r, zero, out):
+    """out[b] = sum over the reachable codes of r [N, B]."""
+    out[:] = zero
+    for c in range(r.shape[0]):
+        r_c = r[c]
+        for b in range(out.shape[0]):
+            out[b] += r_c[b]
+
+
+def forward_native(
+    lin_THB: torch.Tensor,
+    k: int,
+    m: int,
+    n: int,
+    with_entropy: bool,
+    with_reach: bool,
+    hard: bool,
+    ent_eps: float,
+    reach_eps: float,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    Optional[torch.Tensor],
+    int,
+]:
+    """lin [T, H, B] (a CPU tensor of float32 or float64) -> (w [T, B, N], entropy [T], reachability [T],
+    u [T*K, M, B], mix [T, K, B], the entropy's derivative in r [T, K, N, B] or None, and the
+    number of (example, expert) pairs with a nonzero weight in some gate): forward_math's
+    values, and what backward_native reads."""
+    lin = lin_THB.contiguous()
+    t, _, b = lin.shape
+    mix = torch.softmax(lin[:, k * m :], dim=1)  # over each gate's K selectors
+    w, u, reach = lin.new_empty(t, b, n), lin.new_empty(t * k, m, b), lin.new_empty(t)
+    r = lin.new_empty(t, k, n, b) if with_entropy else lin.new_empty(0, 0, 0, 0)
+    pairs = _forward_loop(
+        lin.numpy(),
+        mix.numpy(),
+        k,
+        m,
+        n,
+        hard,
+        with_entropy,
+        with_reach,
+        _consts(lin.dtype, reach_eps),
+        w.numpy(),
+        u.numpy(),
+        reach.numpy(),
+        r.numpy(),
+    )
+    ent, d_ent = lin.new_zeros(t), None
+    if with_entropy:  # as forward_math
+        r_eps = r + ent_eps
+        log_r = torch.log(r_eps)
+        ent = -(r * log_r).sum((1, 2, 3)) / b
+        d_ent = log_r + r / r_eps
+    if not with_reach:
+        reach.zero_()
+    return w, ent, reach, u, mix, d_ent, int(pairs)
+
+
+def backward_native(
+    lin_THB: torch.Tensor,
+    mix_TKB: torch.Tensor,
+    grad_w_TBN: torch.Tensor,
+    grad_ent_T: torch.Tensor,
+    grad_reach_T: torch.Tensor,
+    d_ent: Optional[torch.Tensor],
+    k: int,
+    m: int,
+    n: int,
+    with_reach: bool,
+    hard: bool,
+    reach_eps: float,
+) -> torch.Tensor:
+    """The gradient of the affine outputs, [T, H, B], as backward_math gives it (mix and d_ent:
+    forward_native's)."""
+    lin = lin_THB.contiguous()
+    g_lin = torch.empty_like(lin)
+    _backward_loop(
+        lin.numpy(),
+        mix_TKB.numpy(),
+        grad_w_TBN.contiguous().numpy(),
+        grad_ent_T.to(lin.dtype).contiguous().numpy(),
+        grad_reach_T.to(lin.dtype).contiguous().numpy(),
+        (d_ent if d_ent is not None else lin.new_empty(0, 0, 0, 0)).numpy(),
+        k,
+        m,
+        n,
+        hard,
+        with_reach,
+        _consts(lin.dtype, reach_eps),
+        g_lin.numpy(),
+    )
+    return g_lin
