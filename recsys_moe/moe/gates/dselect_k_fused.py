@@ -22,7 +22,8 @@ test_dselect_k_fused.py checks them in float64), computed differently:
   reuse it (batch sizes become dynamic after the first change);
 - `native` runs them each as one numba loop on CPU tensors (dselect_k_native.py: compiled once
   per dtype and cached on disk; forward also counts the active (example, expert) pairs for the
-  layer's sparse/dense decision) and as `fused` elsewhere.
+  layer's sparse/dense decision) where that measured faster (dselect_k_native_available), and
+  as `fused` elsewhere.
 
 Static gates (per_example=false) compute their weights once per batch on [K, N], not per
 example: they keep the reference path whatever the kernel.
@@ -177,7 +178,7 @@ class _DSelectKFunction(torch.autograd.Function):
         t, h, d = w_THD.shape
         lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
         lin = lin.view(t, h, x_BD.shape[0])
-        native = kernel == "native" and dselect_k_native_available(x_BD)
+        native = kernel == "native" and dselect_k_native_available(x_BD, n)
         if native:  # one compiled loop each way (dselect_k_native.py)
             from recsys_moe.moe.gates.dselect_k_native import forward_native
 
@@ -242,10 +243,22 @@ class _DSelectKFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
-def dselect_k_native_available(x: torch.Tensor) -> bool:
-    """Whether kernel=native runs its compiled loops on x (CPU float32/float64), rather than
-    the fused kernel's torch math."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+# The most experts for which kernel=native runs its loops while torch has several threads.
+# Gate forward + backward, 4 gates, k = 2, batch 512 to 8192 (2 threads, interleaved): the
+# loops took 0.73-0.77 of the fused kernel's time at 8 experts, 0.75-0.97 at 16, 1.06-1.23 at
+# 64, where the fused kernel's passes over [T*K, 64, B] split well over the threads and the
+# single-threaded loops do not; on 1 thread the loops took 0.58-0.87 at every size.
+NATIVE_MAX_EXPERTS_THREADED = 16
+
+
+def dselect_k_native_available(x: torch.Tensor, num_experts: int) -> bool:
+    """Whether kernel=native runs its compiled loops on x (CPU, float32 or float64) for gates
+    of num_experts, rather than the fused kernel's torch math."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and (num_experts <= NATIVE_MAX_EXPERTS_THREADED or torch.get_num_threads() == 1)
+    )
 
 
 def _batch_key(gate: Gate):

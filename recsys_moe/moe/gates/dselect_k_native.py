@@ -13,12 +13,15 @@ compiled once per dtype and cached on disk (numba's cache=True).
 Forward also counts the (example, expert) pairs to which some gate gives a nonzero weight:
 the MoE layer's sparse/dense decision, which otherwise takes four operators over [T, B, N].
 
-Backward recomputes the selectors, the code tree and the mixing weights from the affine outputs
-(cheaper here than keeping them); the entropy term's derivative in r, which needs a log per
-code, is kept from forward as the fused kernel does.
+The softmax of the mixing logits and the entropy's logs are torch operators (vectorised exp
+and log; the loops would call them one value at a time). Backward recomputes the selectors
+and the code tree from the affine outputs (cheaper here than keeping them) and takes the
+mixing weights and the entropy's derivative in r from forward.
 
-CPU tensors only: on other devices the `native` kernel runs the fused kernel's torch math
-(dselect_k_fused.py).
+The loops run on one thread: where torch has several and the gates many experts, the fused
+kernel's larger passes split better over them, so `native` runs the loops only where they
+measured faster (dselect_k_fused.dselect_k_native_available), and on other devices, the fused
+kernel's torch math (dselect_k_fused.py).
 """
 
 from __future__ import annotations

@@ -235,3 +235,17 @@ def test_native_counts_the_pairs_some_gate_weights(n, k):
         assert pairs == int((w != 0).any(0).sum())
         if n > 1:
             assert 0 < pairs < B * n  # some pairs off, some on: the count is not trivial
+
+
+def test_native_runs_its_loops_where_they_measured_faster(monkeypatch):
+    """kernel=native: the numba loops on CPU floats, for any number of experts on one thread and
+    up to NATIVE_MAX_EXPERTS_THREADED on several (beyond, the fused kernel's torch math, whose
+    passes split over the threads)."""
+    x = torch.randn(4, D)
+    limit = fused_module.NATIVE_MAX_EXPERTS_THREADED
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert fused_module.dselect_k_native_available(x, limit)
+    assert not fused_module.dselect_k_native_available(x, limit + 1)
+    assert not fused_module.dselect_k_native_available(x.half(), 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert fused_module.dselect_k_native_available(x, 4 * limit)
