@@ -100,12 +100,18 @@ def forward_math(
     zeros = lin_THB.new_zeros(t)
     ent, d_ent = zeros, None
     if with_entropy:  # its backward's passes over [T, K, N, B] made here, from what is at hand
-        r_eps = r + ENTROPY_EPS
-        log_r = torch.log(r_eps)
-        ent = -(r * log_r).sum((1, 2, 3)) / b
-        d_ent = log_r + r / r_eps  # -d(-r log(r + eps))/dr
+        ent, d_ent = entropy_terms(r)
     reach = (1.0 / (r.sum(2) + REACH_EPS)).sum((1, 2)) / b if with_reach else zeros
     return w_TBN, ent, reach, u, s, mix, d_ent, prefixes
+
+
+def entropy_terms(r_TKNB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entropy of the codes r [T, K, N, B], -r log(r + eps) summed over selectors and codes
+    and averaged over the batch, [T], and its derivative for backward, -d(-r log(r + eps))/dr,
+    [T, K, N, B] (the fused and native kernels' own, from what forward has at hand)."""
+    r_eps = r_TKNB + ENTROPY_EPS
+    log_r = torch.log(r_eps)
+    return -(r_TKNB * log_r).sum((1, 2, 3)) / r_TKNB.shape[-1], log_r + r_TKNB / r_eps
 
 
 def backward_math(
@@ -183,7 +189,7 @@ class _DSelectKFunction(torch.autograd.Function):
             from recsys_moe.moe.gates.dselect_k_native import forward_native
 
             w_TBN, ent, reach, u, mix, d_ent, pairs[0] = forward_native(
-                lin, k, m, n, with_entropy, with_reach, hard, ENTROPY_EPS, REACH_EPS
+                lin, k, m, n, with_entropy, with_reach, hard, REACH_EPS
             )
             ctx.save_for_backward(x_BD, w_THD, lin, mix, d_ent)
         else:

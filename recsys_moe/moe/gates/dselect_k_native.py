@@ -32,6 +32,8 @@ import numba
 import numpy as np
 import torch
 
+from recsys_moe.moe.gates.dselect_k_fused import entropy_terms
+
 # compiled at the first call of each dtype, then cached on disk next to this file (or in
 # numba's user cache where that is read-only); nogil: loader threads run meanwhile
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
@@ -210,21 +212,12 @@ def forward_native(
     with_entropy: bool,
     with_reach: bool,
     hard: bool,
-    ent_eps: float,
     reach_eps: float,
-) -> tuple[
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    torch.Tensor,
-    Optional[torch.Tensor],
-    int,
-]:
-    """lin [T, H, B] (a CPU tensor of float32 or float64) -> (w [T, B, N], entropy [T], reachability [T],
-    u [T*K, M, B], mix [T, K, B], the entropy's derivative in r [T, K, N, B] or None, and the
-    number of (example, expert) pairs with a nonzero weight in some gate): forward_math's
-    values, and what backward_native reads."""
+) -> tuple:
+    """lin [T, H, B] (a CPU tensor of float32 or float64) -> (w [T, B, N], entropy [T],
+    reachability [T], u [T*K, M, B], mix [T, K, B], the entropy's derivative in r
+    [T, K, N, B] or None, and the number of (example, expert) pairs with a nonzero weight in
+    some gate, an int): forward_math's values, and what backward_native reads."""
     lin = lin_THB.contiguous()
     t, _, b = lin.shape
     mix = torch.softmax(lin[:, k * m :], dim=1)  # over each gate's K selectors
@@ -245,12 +238,7 @@ def forward_native(
         reach.numpy(),
         r.numpy(),
     )
-    ent, d_ent = lin.new_zeros(t), None
-    if with_entropy:  # as forward_math
-        r_eps = r + ent_eps
-        log_r = torch.log(r_eps)
-        ent = -(r * log_r).sum((1, 2, 3)) / b
-        d_ent = log_r + r / r_eps
+    ent, d_ent = entropy_terms(r) if with_entropy else (lin.new_zeros(t), None)
     if not with_reach:
         reach.zero_()
     return w, ent, reach, u, mix, d_ent, int(pairs)
