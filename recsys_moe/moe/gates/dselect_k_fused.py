@@ -38,6 +38,8 @@ gives through clamp and the cubic.
 from __future__ import annotations
 
 import functools
+import importlib
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -184,11 +186,10 @@ class _DSelectKFunction(torch.autograd.Function):
         t, h, d = w_THD.shape
         lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
         lin = lin.view(t, h, x_BD.shape[0])
-        native = kernel == "native" and dselect_k_native_available(x_BD, n)
+        # on lin's dtype: under autocast (a gate called outside the MoE layer) addmm gives bf16
+        native = kernel == "native" and dselect_k_native_available(lin, n)
         if native:  # one compiled loop each way (dselect_k_native.py)
-            from recsys_moe.moe.gates.dselect_k_native import forward_native
-
-            w_TBN, ent, reach, u, mix, d_ent, pairs[0] = forward_native(
+            w_TBN, ent, reach, u, mix, d_ent, pairs[0] = _native().forward_native(
                 lin, k, m, n, with_entropy, with_reach, hard, REACH_EPS
             )
             ctx.save_for_backward(x_BD, w_THD, lin, mix, d_ent)
@@ -206,10 +207,8 @@ class _DSelectKFunction(torch.autograd.Function):
     def backward(ctx, grad_w_TBN, grad_ent, grad_reach, _grad_u):
         k, m, n, with_reach, compiled, hard, native = ctx.options
         if native:
-            from recsys_moe.moe.gates.dselect_k_native import backward_native
-
             x_BD, w_THD, lin, mix, d_ent = ctx.saved_tensors
-            g_THB = backward_native(
+            g_THB = _native().backward_native(
                 lin,
                 mix,
                 grad_w_TBN,
@@ -259,12 +258,33 @@ NATIVE_MAX_EXPERTS_THREADED = 16
 
 def dselect_k_native_available(x: torch.Tensor, num_experts: int) -> bool:
     """Whether kernel=native runs its compiled loops on x (CPU, float32 or float64) for gates
-    of num_experts, rather than the fused kernel's torch math."""
+    of num_experts, rather than the fused kernel's torch math (also where numba cannot load:
+    _native)."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and (num_experts <= NATIVE_MAX_EXPERTS_THREADED or torch.get_num_threads() == 1)
+        and _native() is not None
     )
+
+
+@functools.cache
+def _native():
+    """The native loops' module, imported at the first use (numba takes 0.2-0.3 s to import),
+    or None, with a warning, where numba cannot load or cache them (not installed, or neither
+    this package's folder nor numba's user cache is writable): kernel=native then computes
+    as fused, the same values."""
+    try:
+        native = importlib.import_module("recsys_moe.moe.gates.dselect_k_native")
+    except (ImportError, RuntimeError, OSError) as e:
+        warnings.warn(
+            f"model.gate.kernel=native: its numba loops cannot load ({type(e).__name__}: {e}); "
+            "the fused kernel's torch math computes the same values instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return native
 
 
 def _batch_key(gate: Gate):

@@ -34,14 +34,23 @@ import torch
 
 from recsys_moe.moe.gates.dselect_k_fused import entropy_terms
 
-# compiled at the first call of each dtype, then cached on disk next to this file (or in
-# numba's user cache where that is read-only); nogil: loader threads run meanwhile
-_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath=True)
+# Compiled at the first call of each dtype, then cached on disk next to this file, or in
+# numba's user cache where that folder is read-only (where neither is writable, numba raises
+# here and kernel=native computes as fused: dselect_k_fused._native). nogil: loader threads
+# run meanwhile. fastmath without its no-NaN/no-inf assumptions: a NaN weight must stay NaN
+# and count as active, as on the fused path.
+_jit = numba.njit(
+    cache=True,
+    nogil=True,
+    error_model="numpy",
+    fastmath={"reassoc", "contract", "arcp", "nsz", "afn"},
+)
 
 
-def _consts(dtype: torch.dtype, reach_eps: float) -> np.ndarray:
-    """The loops' constants in the data's dtype (a float64 literal would promote float32 math)."""
-    return np.array([0.0, 1.0, 2.0, 3.0, 0.5, 6.0, 0.0, reach_eps], dtype=_NP[dtype])
+def _consts(dtype: torch.dtype, reach_eps: float, batch: int) -> np.ndarray:
+    """The loops' constants in the data's dtype (a float64 literal, or an int divisor, would
+    promote float32 math to float64)."""
+    return np.array([0.0, 1.0, 2.0, 3.0, 0.5, 6.0, batch, reach_eps], dtype=_NP[dtype])
 
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
@@ -78,7 +87,7 @@ def _forward_loop(lin, mix, k, m, n, hard, with_entropy, with_reach, consts, w, 
                 _code_sums(prefixes[last : last + n], zero, r_sum)
                 for b in range(b_n):
                     reach_t += one / (r_sum[b] + reach_eps)
-        reach[t] = reach_t / b_n
+        reach[t] = reach_t / consts[6]  # the batch size, in the data's dtype
         for c in range(n):
             w_c, act_c = w_nb[c], active[c]
             for b in range(b_n):
@@ -113,7 +122,7 @@ def _backward_loop(
             g_c = g_nb[c]
             for b in range(b_n):
                 g_c[b] = g_w[t, b, c]
-        g_ent, g_reach = grad_ent[t] / b_n, grad_reach[t] / b_n
+        g_ent, g_reach = grad_ent[t], grad_reach[t]  # divided by B already
         for kk in range(k):
             for j in range(m):
                 _selector(lin[t, kk * m + j], hard, consts, u[j], s[j])
@@ -232,7 +241,7 @@ def forward_native(
         hard,
         with_entropy,
         with_reach,
-        _consts(lin.dtype, reach_eps),
+        _consts(lin.dtype, reach_eps, b),
         w.numpy(),
         u.numpy(),
         reach.numpy(),
@@ -262,19 +271,20 @@ def backward_native(
     forward_native's)."""
     lin = lin_THB.contiguous()
     g_lin = torch.empty_like(lin)
+    b = lin.shape[2]
     _backward_loop(
         lin.numpy(),
         mix_TKB.numpy(),
         grad_w_TBN.contiguous().numpy(),
-        grad_ent_T.to(lin.dtype).contiguous().numpy(),
-        grad_reach_T.to(lin.dtype).contiguous().numpy(),
+        (grad_ent_T / b).to(lin.dtype).contiguous().numpy(),  # as backward_math: per example
+        (grad_reach_T / b).to(lin.dtype).contiguous().numpy(),
         (d_ent if d_ent is not None else lin.new_empty(0, 0, 0, 0)).numpy(),
         k,
         m,
         n,
         hard,
         with_reach,
-        _consts(lin.dtype, reach_eps),
+        _consts(lin.dtype, reach_eps, b),
         g_lin.numpy(),
     )
     return g_lin

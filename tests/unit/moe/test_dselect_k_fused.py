@@ -4,6 +4,7 @@ the regularisers, the stats, and the gradients of the input and of every paramet
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import torch
@@ -249,3 +250,50 @@ def test_native_runs_its_loops_where_they_measured_faster(monkeypatch):
     assert not fused_module.dselect_k_native_available(x.half(), 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert fused_module.dselect_k_native_available(x, 4 * limit)
+
+
+def test_native_in_float32_agrees_with_fused_and_counts_the_same_pairs():
+    """Training runs in float32 (this folder's default is float64): the native loops keep its
+    arithmetic in float32 and agree with the fused kernel to its rounding, with the same
+    exact zeros and pair count."""
+    outs = {}
+    for kernel in KERNELS:
+        gates = [_pair(6, 2, entropy_reg=0.3, kernel=kernel)[1].float() for _ in range(3)]
+        x = torch.randn(B, D, generator=torch.Generator().manual_seed(3)).float()
+        x.requires_grad_()
+        for gate in gates:
+            gate.train()
+        _, w, pairs = stacked_forward_gates(gates, x)
+        (w * torch.linspace(-1.0, 1.0, 6)).sum().backward()
+        outs[kernel] = (w.detach(), x.grad, pairs)
+    (wf, gf, _), (wn, gn, pairs) = outs["fused"], outs["native"]
+    assert wn.dtype == torch.float32 and torch.equal(wn == 0, wf == 0)
+    assert pairs == int((wf != 0).any(0).sum())
+    torch.testing.assert_close(wn, wf, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gn, gf, rtol=1e-4, atol=1e-5)
+
+
+def test_native_under_autocast_computes_as_fused():
+    """A gate called under CPU autocast outside the MoE layer (which turns autocast off for
+    its gates) gets a bfloat16 affine map: native then runs the fused kernel's math."""
+    torch.manual_seed(0)
+    gates = {k: DSelectKGate(8, D, k=2, kernel=k).float().eval() for k in KERNELS}
+    gates["native"].load_state_dict(gates["fused"].state_dict())
+    x = torch.randn(4, D, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = gates["native"](x).weights, gates["fused"](x).weights
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_native_without_numba_warns_and_computes_as_fused(monkeypatch):
+    """Where numba cannot load (here: its module made unimportable), kernel=native warns once
+    and computes the fused kernel's values."""
+    ref, native = _pair(6, 2, entropy_reg=0.3, kernel="native")
+    monkeypatch.setitem(sys.modules, "recsys_moe.moe.gates.dselect_k_native", None)
+    fused_module._native.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"model\.gate\.kernel=native: its numba loops"):
+            assert not fused_module.dselect_k_native_available(torch.randn(2, D), 6)
+        _assert_equal(ref, native, train=True)
+    finally:
+        fused_module._native.cache_clear()
