@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	  $(PY) -m pip install -q -e ".[$$extra,dev]"
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
 	$(PY) -c "import torch, torchrec, fbgemm_gpu, recsys_moe; print('torch', torch.__version__, '| torchrec', torchrec.__version__)"
+	# the DSelect-k gate's numba loops, compiled once into their disk cache (model.gate.kernel)
+	$(PY) -m recsys_moe.moe.gates.dselect_k_native
 	touch $(STAMP)
 
 $(SYNTHETIC)/_SUCCESS: recsys_moe/data/synthetic.py | $(STAMP)

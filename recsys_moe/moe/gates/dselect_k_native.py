@@ -288,3 +288,30 @@ def backward_native(
         g_lin.numpy(),
     )
     return g_lin
+
+
+def warm() -> None:
+    """Compiles (or loads from the disk cache) both loops for float32 and float64: `make install`
+    and the images run it, so that the first training step does not wait for the compiler."""
+    for dtype in (torch.float32, torch.float64):
+        lin = torch.linspace(-1.0, 2.0, 2 * 8 * 3, dtype=dtype).view(2, 8, 3)  # T=2, K=2, M=3
+        for with_entropy, hard in ((False, False), (True, True)):
+            w, _, _, _, mix, d_ent, _ = forward_native(lin, 2, 3, 8, with_entropy, True, hard, 1e-6)
+            backward_native(
+                lin,
+                mix,
+                torch.ones_like(w),
+                lin.new_ones(2),
+                lin.new_ones(2),
+                d_ent,
+                2,
+                3,
+                8,
+                True,
+                hard,
+                1e-6,
+            )
+
+
+if __name__ == "__main__":
+    warm()

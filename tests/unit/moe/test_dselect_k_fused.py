@@ -297,3 +297,14 @@ def test_native_without_numba_warns_and_computes_as_fused(monkeypatch):
         _assert_equal(ref, native, train=True)
     finally:
         fused_module._native.cache_clear()
+
+
+def test_warm_compiles_both_loops_for_float32_and_float64():
+    """`make install` warms numba's cache with dselect_k_native.warm(): afterwards each loop
+    has a compiled version for each dtype training and the tests use."""
+    from recsys_moe.moe.gates import dselect_k_native
+
+    dselect_k_native.warm()
+    for loop in (dselect_k_native._forward_loop, dselect_k_native._backward_loop):
+        dtypes = {str(sig[0].dtype) for sig in loop.signatures}
+        assert {"float32", "float64"} <= dtypes, (loop, dtypes)
