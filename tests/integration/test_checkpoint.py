@@ -247,8 +247,11 @@ def test_a_resumed_run_continues_its_wandb_run(tiny_data, tmp_path):
         run(cfg, tmp_path, crash_at=7)
     trainer = Trainer(cfg, tmp_path)  # resumes at step 5, and its W&B run with it
     try:
-        run_ids = {p.name.rsplit("-", 1)[1] for p in (tmp_path / "wandb").glob("offline-run-*")}
-        assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2
+        # each attempt's folder holds run-<id>.wandb; the folder's name ends in the id, or, where
+        # both attempts started within the same second, in "<id>-1" (W&B's suffix)
+        logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+        run_ids = {p.name.removeprefix("run-").removesuffix(".wandb") for p in logs}
+        assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == len(logs) == 2
         assert run_ids == {trainer.wandb_id}
     finally:
         trainer.close()
