@@ -308,3 +308,19 @@ def test_warm_compiles_both_loops_for_float32_and_float64():
     for loop in (dselect_k_native._forward_loop, dselect_k_native._backward_loop):
         dtypes = {str(sig[0].dtype) for sig in loop.signatures}
         assert {"float32", "float64"} <= dtypes, (loop, dtypes)
+
+
+def test_the_default_jobs_gates_run_the_native_loops():
+    """conf/ defaults to kernel=native, and on this CPU its numba loops load and run for the
+    default job's gates (8 experts, float32): a fallback to the fused math would warn and
+    count no pairs."""
+    from recsys_moe.bench.trainer import compose_config
+    from recsys_moe.moe.gates import build_gate
+
+    cfg = compose_config([])
+    assert cfg.model.gate.kernel == "native"
+    gates = [build_gate(cfg.model.gate, cfg.model.num_experts, D).float() for _ in range(4)]
+    for gate in gates:
+        gate.train()
+    _, w, pairs = stacked_forward_gates(gates, torch.randn(B, D, dtype=torch.float32))
+    assert pairs is not None and pairs == int((w != 0).any(0).sum())
