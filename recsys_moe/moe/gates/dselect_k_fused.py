@@ -259,10 +259,13 @@ NATIVE_MAX_EXPERTS_THREADED = 16
 def dselect_k_native_available(x: torch.Tensor, num_experts: int) -> bool:
     """Whether kernel=native runs its compiled loops on x (CPU, float32 or float64) for gates
     of num_experts, rather than the fused kernel's torch math (also where numba cannot load:
-    _native)."""
+    _native). Not while torch traces (torch.export, torch.compile): its fake tensors have no
+    memory for the loops, and the fused math traces."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
+        and type(x) is torch.Tensor  # not a tracer's subclass (FakeTensor, FunctionalTensor)
+        and not torch.compiler.is_compiling()
         and (num_experts <= NATIVE_MAX_EXPERTS_THREADED or torch.get_num_threads() == 1)
         and _native() is not None
     )

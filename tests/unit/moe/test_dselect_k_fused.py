@@ -324,3 +324,29 @@ def test_the_default_jobs_gates_run_the_native_loops():
         gate.train()
     _, w, pairs = stacked_forward_gates(gates, torch.randn(B, D, dtype=torch.float32))
     assert pairs is not None and pairs == int((w != 0).any(0).sum())
+
+
+def test_native_gates_export_through_the_fused_math():
+    """torch.export traces with fake tensors, which the numba loops cannot read: a layer with
+    native gates exports (its graph holds the fused kernel's torch math) and the exported
+    program computes what the eager layer does (eval, dense expert compute, as the README's
+    serving note)."""
+    from recsys_moe.config.schema import ExpertCompute
+    from recsys_moe.moe.experts import ExpertBank
+    from recsys_moe.moe.layer import MultiTaskMoE
+
+    torch.manual_seed(0)
+    gates = [DSelectKGate(8, D, k=2, kernel="native", hard_inference=True) for _ in range(2)]
+    moe = MultiTaskMoE(ExpertBank(8, D, [12], 4), gates, compute=ExpertCompute.dense).eval()
+
+    class Y(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = moe
+
+        def forward(self, x):
+            return self.moe(x).y
+
+    x = torch.randn(5, D)
+    program = torch.export.export(Y(), (x,), strict=False)
+    torch.testing.assert_close(program.module()(x), moe(x).y, rtol=1e-12, atol=1e-12)
