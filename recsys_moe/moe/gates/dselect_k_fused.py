@@ -367,10 +367,11 @@ def _fused(
         pairs,
     )
     u_TKMB = u.view(len(gates), g0.k, g0.num_bits, x_BD.shape[0])
-    lams = [gate.current_entropy_reg() for gate in gates]
     # every gate's regulariser at once; at lambda = 0 (entropy off) lambda * H is lambda itself
     aux_T: Optional[torch.Tensor] = None
+    lams: list[Optional[torch.Tensor]] = [None] * len(gates)  # lambda: made where aux needs it
     if g0.training and g0.entropy_reg > 0:
+        lams = [gate.current_entropy_reg() for gate in gates]
         aux_T = torch.stack(lams) * ent_T if with_entropy else torch.stack(lams)
     if with_reach:
         aux_T = reach_T if aux_T is None else aux_T + reach_T
@@ -382,6 +383,14 @@ def _fused(
     return outs, weights_TBN, pairs[0]
 
 
-def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: torch.Tensor):
-    # the soft selectors as [B, K, M], as the reference keeps them
-    return functools.partial(selector_stats, u_KMB.permute(2, 0, 1), gate.num_experts, lam)
+def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: Optional[torch.Tensor]):
+    """The gate's stats_fn: the soft selectors as [B, K, M], as the reference keeps them, and
+    lambda (made when the stats are read where the forward did not need it: a forward outside
+    training then reads nothing from the gate's schedule buffers, so it traces and exports
+    also right after load_state_dict, when lambda would come from the buffers on the host)."""
+
+    def stats() -> dict[str, torch.Tensor]:
+        now = gate.current_entropy_reg() if lam is None else lam
+        return selector_stats(u_KMB.permute(2, 0, 1), gate.num_experts, now)
+
+    return stats

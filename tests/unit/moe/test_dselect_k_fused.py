@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 
 import pytest
 import torch
@@ -330,14 +331,20 @@ def test_native_gates_export_through_the_fused_math():
     """torch.export traces with fake tensors, which the numba loops cannot read: a layer with
     native gates exports (its graph holds the fused kernel's torch math) and the exported
     program computes what the eager layer does (eval, dense expert compute, as the README's
-    serving note)."""
+    serving note), also freshly loaded, when lambda's position is in the gates' buffers (the
+    forward reads it only for stats) and no attribute is set during export."""
     from recsys_moe.config.schema import ExpertCompute
     from recsys_moe.moe.experts import ExpertBank
     from recsys_moe.moe.layer import MultiTaskMoE
 
     torch.manual_seed(0)
-    gates = [DSelectKGate(8, D, k=2, kernel="native", hard_inference=True) for _ in range(2)]
-    moe = MultiTaskMoE(ExpertBank(8, D, [12], 4), gates, compute=ExpertCompute.dense).eval()
+    gates = [
+        DSelectKGate(8, D, k=2, kernel="native", hard_inference=True, entropy_reg=0.5)
+        for _ in range(2)
+    ]
+    moe = MultiTaskMoE(ExpertBank(8, D, [12], 4), gates, compute=ExpertCompute.dense)
+    moe.load_state_dict(moe.state_dict())  # as load_artifact: lambda's position in the buffers
+    moe.eval()
 
     class Y(torch.nn.Module):
         def __init__(self):
@@ -348,5 +355,7 @@ def test_native_gates_export_through_the_fused_math():
             return self.moe(x).y
 
     x = torch.randn(5, D)
-    program = torch.export.export(Y(), (x,), strict=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "attributes ... were assigned during export"
+        program = torch.export.export(Y(), (x,), strict=False)
     torch.testing.assert_close(program.module()(x), moe(x).y, rtol=1e-12, atol=1e-12)
