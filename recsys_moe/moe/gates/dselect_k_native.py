@@ -47,20 +47,20 @@ _jit = numba.njit(
 )
 
 
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _consts(dtype: torch.dtype, reach_eps: float, batch: int) -> np.ndarray:
     """The loops' constants in the data's dtype (a float64 literal, or an int divisor, would
     promote float32 math to float64)."""
     return np.array([0.0, 1.0, 2.0, 3.0, 0.5, 6.0, batch, reach_eps], dtype=_NP[dtype])
 
 
-_NP = {torch.float32: np.float32, torch.float64: np.float64}
-
-
 @_jit
 def _forward_loop(lin, mix, k, m, n, hard, with_entropy, with_reach, consts, w, u, reach, r_out):
-    """w [T, B, N], u [T*K, M, B], reach [T] and (with_entropy) the codes r_out [T, K, N, B]
-    from lin [T, H, B] and the mixing weights mix [T, K, B]; returns the number of
-    (example, expert) pairs with a nonzero weight in some gate."""
+    """w [T, B, N], u [T*K, M, B], reach [T] (0 without with_reach) and (with_entropy) the
+    codes r_out [T, K, N, B] from lin [T, H, B] and the mixing weights mix [T, K, B]; returns
+    the number of (example, expert) pairs with a nonzero weight in some gate."""
     zero, one, reach_eps = consts[0], consts[1], consts[7]
     t_n, _, b_n = lin.shape
     codes = 1 << m
@@ -248,8 +248,6 @@ def forward_native(
         r.numpy(),
     )
     ent, d_ent = entropy_terms(r) if with_entropy else (lin.new_zeros(t), None)
-    if not with_reach:
-        reach.zero_()
     return w, ent, reach, u, mix, d_ent, int(pairs)
 
 
