@@ -73,6 +73,7 @@ from recsys_moe.metrics.sinks import (
     format_task_table,
     new_run_id,
 )
+from recsys_moe.metrics.steps import StepScalars
 from recsys_moe.metrics.tasks import LabelMeans, TaskMetrics
 from recsys_moe.models.ranker import MultiTaskRanker
 from recsys_moe.models.training import RankerTrain, StepOutput
@@ -257,6 +258,10 @@ class Trainer:
         # 7. metrics and sinks (rank 0 writes)
         T = len(self.task_names)
         self.label_means = LabelMeans(T, self.device)
+        # each step's losses and label sums, reduced when read (folded into label_means)
+        self.step_scalars = StepScalars(
+            T, min(cfg.trainer.log_every, self.total_steps), self.label_means, self.device
+        )
         loss_weights = model.loss.loss_weights.tolist()
         self.eval_metrics = TaskMetrics(self.task_names, self.task_types, loss_weights)
         self.train_gates = GateTelemetry(
@@ -471,13 +476,9 @@ class Trainer:
 
     def _train(self) -> dict[str, float]:
         tc, dims = self.cfg.trainer, self.dims
-        T = len(self.task_names)
         global_batch = self.train_data.batch_size  # global: split over the ranks
-        # Device-side accumulators: the loop syncs the host only on logging steps.
-        acc = torch.zeros(T + 1, device=self.device)  # the loss, then each task's
-        acc_n = 0
-        # First step at which each task's loss (slot T: the gate regularisers) was not finite.
-        first_bad = torch.full((T + 1,), -1, dtype=torch.long, device=self.device)
+        # Device-side accumulators (step_scalars): the loop syncs the host only on logging steps.
+        scalars = self.step_scalars
         eval_metrics: dict[str, float] = {}
         bar = tqdm(
             total=self.total_steps,
@@ -506,27 +507,23 @@ class Trainer:
             samples += global_batch
             window_samples += global_batch
 
-            self.label_means.update(out.label_sums, out.label_weights)
+            scalars.add(out, self.step)  # losses and label sums: one row, no host sync
             # the gates' own statistics on the last step of each logging window only
             logs = self.step % tc.log_every == 0 or self.step == self.total_steps
             # and their weight statistics every gate_telemetry_every steps (and at logging)
             sampled = logs or self.step % self.cfg.logger.gate_telemetry_every == 0
             self.train_gates.update(out.gates, out.moe_stats, gate_stats=logs, weights=sampled)
-            parts = torch.cat([out.task_losses.detach(), out.aux_loss.detach().reshape(1)])
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(parts), self.step, first_bad)
-            acc += torch.cat([out.loss.reshape(1), out.task_losses.detach()])
-            acc_n += 1
             bar.update(1)
 
             if logs:
                 self._phase = "train metrics all-reduce"
-                self._check_finite(first_bad)
+                self._check_finite()  # folds the step scalars
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 now = time.perf_counter()
                 # the mean over ranks of their shares is the global batch's loss
-                means = all_reduce_(acc.clone(), dims.world_group) / (acc_n * dims.world_size)
-                means = means.tolist()
+                sums = all_reduce_(scalars.loss_sums.clone(), dims.world_group)
+                means = (sums / (scalars.steps * dims.world_size)).tolist()
                 metrics = {
                     "train/loss": means[0],
                     "train/epoch": float((self.step - 1) // self.train_data.steps),
@@ -546,8 +543,8 @@ class Trainer:
                     loss=f"{metrics['train/loss']:.4f}",
                     samples_per_s=f"{metrics['train/samples_per_sec']:.0f}",
                 )
-                acc.zero_()
-                acc_n, window_samples, window_eval = 0, 0, 0.0
+                scalars.reset_losses()
+                window_samples, window_eval = 0, 0.0
                 window_start = time.perf_counter()
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -558,7 +555,7 @@ class Trainer:
                 window_eval += dt
             if self.checkpointer.due(self.step) and self.step < self.total_steps:
                 t0 = time.perf_counter()
-                self._save(first_bad)
+                self._save()
                 dt = time.perf_counter() - t0  # as eval: not training time
                 eval_time += dt
                 window_eval += dt
@@ -567,10 +564,10 @@ class Trainer:
             torch.cuda.synchronize()
         train_time = time.perf_counter() - start - eval_time
         bar.close()
-        self._check_finite(first_bad)
+        self._check_finite()
         eval_metrics = self.evaluate()
         if self.cfg.checkpoint.at_end and not self._saved_at(self.step):
-            self._save(first_bad)
+            self._save()
         self.checkpointer.wait()
         summary = {
             "step": float(self.step),
@@ -582,11 +579,11 @@ class Trainer:
             sink.summary(summary)
         return summary
 
-    def _save(self, first_bad: torch.Tensor) -> None:
+    def _save(self) -> None:
         """A checkpoint at this step, never of a poisoned state: the losses of every step so far
         and every parameter are checked first (host syncs: only when saving)."""
         self._phase = "checkpoint save"
-        self._check_finite(first_bad)
+        self._check_finite()  # and the label means, saved with the model, are up to date
         for name, t in self.model.state_dict().items():
             for _, local in local_blocks(t):
                 if torch.is_floating_point(local) and not bool(torch.isfinite(local).all()):
@@ -618,12 +615,14 @@ class Trainer:
         for sink in self.sinks:
             sink.log(metrics, step)
 
-    def _check_finite(self, first_bad: torch.Tensor) -> None:
-        bad = first_bad.tolist()
-        if any(s >= 0 for s in bad):
-            step = min(s for s in bad if s >= 0)
+    def _check_finite(self) -> None:
+        """Folds the step scalars; raises naming the first step whose loss was not finite."""
+        self.step_scalars.fold()
+        first = self.step_scalars.first_nonfinite()
+        if first is not None:
+            step, slots = first
             names = [*self.task_names, "gate regularisers"]
-            which = [n for n, s in zip(names, bad) if s == step]
+            which = [names[i] for i in slots]
             raise NonFiniteLossError(
                 f"loss is not finite at step {step} (task: {', '.join(which)})"
             )
@@ -646,6 +645,7 @@ class Trainer:
         group = self.dims.world_group
         self.eval_metrics.gather(group)
         self.eval_gates.reduce(group)
+        self.step_scalars.fold()  # the label means of every step trained so far
         means = self.label_means.means(group)
         metrics = {f"eval/{k}": v for k, v in self.eval_metrics.compute(means).items()}
         metrics.update({f"eval/{k}": v for k, v in self.eval_gates.compute().items()})
