@@ -84,11 +84,14 @@ class GateTelemetry:
         self.stats: list[dict[str, torch.Tensor]] = [{} for _ in range(T)]
         self.moe: dict[str, torch.Tensor] = {}
         self.moe_batches: dict[str, int] = {}
+        # updates not yet added to the sums above (_fold): each batch's gate weights, and each
+        # MoE stat's values, kept as references (no operator per update)
+        self._pending_weights: list[list[torch.Tensor]] = []
+        self._pending_moe: dict[str, list[torch.Tensor]] = {}
         self.examples = 0
         self.stats_examples = 0  # the examples of the batches whose gate stats were taken
         self.batches = 0
 
-    @torch.no_grad()
     def update(
         self,
         gates: Sequence[GateOutput],
@@ -99,35 +102,58 @@ class GateTelemetry:
         """Adds one batch (all tasks at once: one pass per statistic, not one per task);
         gate_stats=False leaves out the gates' own statistics for this batch, weights=False
         everything else but the selection tracking (which compares consecutive updates) and
-        the batch count."""
+        the batch count. Every tensor it keeps is detached (no_grad is not entered: a step
+        without weights costs no operator)."""
         self._update_selection(gates)
         self.batches += 1
         if not weights:
             return
-        any_nonzero = None
         if gates:
-            w = torch.stack([g.weights for g in gates])  # [T, B, N]
-            rows = w.shape[1]
+            self._pending_weights.append([g.weights.detach() for g in gates])
+            if len(self._pending_weights) >= self.MAX_PENDING:
+                self._fold()
+        if gate_stats and gates:
+            rows = gates[0].weights.shape[0]
+            self.stats_examples += rows
+            with torch.no_grad():  # computed on demand, from the gate's saved tensors
+                for t, g in enumerate(gates):
+                    for k, v in g.stats.items():  # batch means, weighted by the batch's examples
+                        self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
+        for k, v in (moe_stats or {}).items():
+            self._pending_moe.setdefault(k, []).append(v.detach())
+            self.moe_batches[k] = self.moe_batches.get(k, 0) + 1
+
+    # Batches whose weights update() keeps before adding them up: the sums then run once over
+    # all of them ([T, batches x B, N]) instead of a dozen small operators per batch, each
+    # slowed by a cache the training step has just emptied; a bound on the memory they hold.
+    MAX_PENDING = 16
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Adds the pending updates to the sums (before anything reads them)."""
+        if self._pending_weights:
+            pending, self._pending_weights = self._pending_weights, []
+            # [T, sum of B, N], summed in float64: the sums then do not depend on how the
+            # examples were batched or folded (as the float64 accumulators across ranks)
+            w = torch.cat([torch.stack(ws) for ws in pending], dim=1).double()
             nz = w != 0
             self.selected += nz.sum(1)
             self.weight += w.sum(1)
             self.active += nz.sum((1, 2))
+            # per batch as before: the most experts any one example had, over all of them
             self.max_active = torch.maximum(self.max_active, nz.sum(-1).amax(1))
             self.entropy += torch.special.entr(w).sum((1, 2))
             self.used |= nz.any(1)
             any_nonzero = nz.any(0)
-        if gate_stats and gates:
-            self.stats_examples += rows
-            for t, g in enumerate(gates):
-                for k, v in g.stats.items():  # batch means, weighted by the batch's examples
-                    self.stats[t][k] = self.stats[t].get(k, 0.0) + v.detach().double() * rows
-        if any_nonzero is not None:
             self.load += any_nonzero.sum(0)
             self.examples += any_nonzero.shape[0]
-        for k, v in (moe_stats or {}).items():
-            self.moe[k] = self.moe.get(k, 0.0) + v.detach().double()
-            self.moe_batches[k] = self.moe_batches.get(k, 0) + 1
+        for k, values in self._pending_moe.items():
+            if values:
+                total = torch.stack(values).double().sum()
+                self.moe[k] = self.moe.get(k, 0.0) + total
+        self._pending_moe = {}
 
+    @torch.no_grad()
     def _update_selection(self, gates: Sequence[GateOutput]) -> None:
         """track_selection: whether each task's selected experts changed since the last batch
         (every batch, so no change is missed)."""
@@ -139,6 +165,7 @@ class GateTelemetry:
 
     def reduce(self, group: Optional[dist.ProcessGroup]) -> None:
         """Sums the state of all ranks into every rank (call before compute() at eval)."""
+        self._fold()
         if not spans_ranks(group):
             return
         for t in (self.selected, self.weight, self.active, self.entropy, self.load):
@@ -163,11 +190,13 @@ class GateTelemetry:
 
     def mean_weights(self) -> torch.Tensor:
         """[T, N] mean weight of every expert for every task (the heatmap)."""
+        self._fold()
         return (self.weight / max(self.examples, 1)).cpu()
 
     def compute(self) -> dict[str, float]:
         if self.batches == 0:
             return {}
+        self._fold()
         n = max(self.examples, 1)
         sel = (self.selected / n).cpu()
         wts = (self.weight / n).cpu()

@@ -90,6 +90,43 @@ def test_weights_of_some_batches_only_but_every_selection_change():
     assert m["gate/a/selection_changes"] == 1.0  # [1, 0] -> [0, 1] at the unsampled batch
 
 
+def test_pending_updates_sum_the_same_whenever_they_are_folded(monkeypatch):
+    """update() keeps batches and adds them up when read, at most MAX_PENDING at a time: the
+    same figures as adding each batch at once (MAX_PENDING 1), also after a reset."""
+    g = torch.Generator().manual_seed(0)
+
+    def batch(rows):
+        w = torch.rand(rows, 4, generator=g)
+        w = w * (w > 0.5)  # some experts off
+        w = w / w.sum(1, keepdim=True).clamp_min(1e-9)
+        return [
+            GateOutput(weights=w, aux_loss=torch.zeros(())),
+            GateOutput(weights=w.flip(1), aux_loss=torch.zeros(())),
+        ]
+
+    batches = [batch(rows) for rows in (5, 3, 7, 2, 6)]
+    moe = [
+        {"sparse": torch.tensor(float(i % 2)), "active_fraction": torch.tensor(0.1 * i)}
+        for i in range(5)
+    ]
+
+    def figures(max_pending):
+        monkeypatch.setattr(GateTelemetry, "MAX_PENDING", max_pending)
+        tel = GateTelemetry(["a", "b"], num_experts=4, device=torch.device("cpu"))
+        tel.update(batches[0], moe[0])
+        tel.reset()  # what was pending before a reset is gone
+        for b, m in zip(batches, moe):
+            tel.update(b, m)
+        return tel.compute(), tel.mean_weights()
+
+    (want, want_w), (got, got_w) = figures(1), figures(3)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+    torch.testing.assert_close(got_w, want_w, rtol=1e-12, atol=0)
+    assert want["expert/0/load"] > 0 and want["moe/sparse_fraction"] == pytest.approx(2 / 5)
+
+
 def test_heatmap_png(tmp_path):
     path = save_heatmap(
         torch.rand(4, 16), ["click", "like", "watch_time", "rating"], tmp_path / "g" / "h.png", "t"
