@@ -198,8 +198,8 @@ class GateTelemetry:
             return {}
         self._fold()
         n = max(self.examples, 1)
-        sel = (self.selected / n).cpu()
-        wts = (self.weight / n).cpu()
+        sel = (self.selected / n).tolist()  # [T][N]: one host copy each, no item() per entry
+        wts = (self.weight / n).tolist()
         active = (self.active / n).tolist()
         ent = (self.entropy / n).tolist()
         used = self.used.sum(1).tolist()
@@ -217,8 +217,8 @@ class GateTelemetry:
             for k, v in self.stats[t].items():
                 out[f"{p}/{k}"] = float(v) / max(self.stats_examples, 1)
             for e in range(self.num_experts):
-                out[f"{p}/selected/{e}"] = sel[t, e].item()
-                out[f"{p}/weight/{e}"] = wts[t, e].item()
+                out[f"{p}/selected/{e}"] = sel[t][e]
+                out[f"{p}/weight/{e}"] = wts[t][e]
         for e, v in enumerate((self.load / n).tolist()):
             out[f"expert/{e}/load"] = v
         for k, v in self.moe.items():

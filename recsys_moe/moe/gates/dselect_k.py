@@ -321,11 +321,22 @@ def selector_stats(u: torch.Tensor, num_experts: int, lam: torch.Tensor) -> dict
     """A gate's own stats from its soft selectors u [..., M] (before any hard_inference
     rounding): the fraction saturated (every bit outside the window, u exactly 0 or 1), their
     mean entropy, and lambda now. Computed on demand (GateOutput.stats)."""
+    u_1XM = u.reshape(1, math.prod(u.shape[:-1]), u.shape[-1])  # M may be 0 (one expert)
+    saturated, selector_entropy = selector_stats_by_gate(u_1XM, num_experts)
     return {
-        "saturated_fraction": ((u == 0.0) | (u == 1.0)).all(-1).float().mean(),
-        "selector_entropy": entropy(selector_outputs(cubic(u), num_experts)).mean(),
+        "saturated_fraction": saturated[0],
+        "selector_entropy": selector_entropy[0],
         "entropy_reg": lam,
     }
+
+
+def selector_stats_by_gate(
+    u_TXM: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """selector_stats' saturated fraction and mean selector entropy of T gates at once, [T]
+    each, from their soft selectors u [T, X, M] (X: every selector of a gate)."""
+    saturated = ((u_TXM == 0.0) | (u_TXM == 1.0)).all(-1).float().mean(1)
+    return saturated, entropy(selector_outputs(cubic(u_TXM), num_experts)).mean(1)
 
 
 def _check(num_experts: int, k: int, gamma: float, entropy_reg: float) -> None:

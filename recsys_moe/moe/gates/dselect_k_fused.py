@@ -52,7 +52,7 @@ from recsys_moe.moe.gates.dselect_k import (
     REACH_EPS,
     DSelectKGate,
     cubic,
-    selector_stats,
+    selector_stats_by_gate,
 )
 
 
@@ -376,21 +376,39 @@ def _fused(
     if with_reach:
         aux_T = reach_T if aux_T is None else aux_T + reach_T
     aux = [x_BD.new_zeros(())] * len(gates) if aux_T is None else list(aux_T.unbind())
+    by_gate: dict[str, torch.Tensor] = {}  # every gate's stats, made when the first is read
     outs = [
-        GateOutput(weights=weights_TBN[t], aux_loss=aux[t], stats_fn=_stats(gate, u_TKMB[t], lam))
+        GateOutput(
+            weights=weights_TBN[t], aux_loss=aux[t], stats_fn=_stats(gate, t, u_TKMB, lam, by_gate)
+        )
         for t, (gate, lam) in enumerate(zip(gates, lams))
     ]
     return outs, weights_TBN, pairs[0]
 
 
-def _stats(gate: DSelectKGate, u_KMB: torch.Tensor, lam: Optional[torch.Tensor]):
-    """The gate's stats_fn: the soft selectors as [B, K, M], as the reference keeps them, and
-    lambda (made when the stats are read where the forward did not need it: a forward outside
-    training then reads nothing from the gate's schedule buffers, so it traces and exports
-    also right after load_state_dict, when lambda would come from the buffers on the host)."""
+def _stats(
+    gate: DSelectKGate,
+    t: int,
+    u_TKMB: torch.Tensor,
+    lam: Optional[torch.Tensor],
+    by_gate: dict[str, torch.Tensor],
+):
+    """Gate t's stats_fn: selector_stats of its soft selectors, computed for every gate of the
+    call at once when the first of them is read (one pass over [T, B*K, M], not T; kept in
+    by_gate), and lambda (made when the stats are read where the forward did not need it: a
+    forward outside training then reads nothing from the gate's schedule buffers, so it traces
+    and exports also right after load_state_dict, when lambda would come from the buffers on
+    the host)."""
 
     def stats() -> dict[str, torch.Tensor]:
-        now = gate.current_entropy_reg() if lam is None else lam
-        return selector_stats(u_KMB.permute(2, 0, 1), gate.num_experts, now)
+        if not by_gate:
+            T, K, M, B = u_TKMB.shape
+            u = u_TKMB.permute(0, 3, 1, 2).reshape(T, B * K, M)  # as the reference: [B, K, M]
+            by_gate["saturated"], by_gate["entropy"] = selector_stats_by_gate(u, gate.num_experts)
+        return {
+            "saturated_fraction": by_gate["saturated"][t],
+            "selector_entropy": by_gate["entropy"][t],
+            "entropy_reg": gate.current_entropy_reg() if lam is None else lam,
+        }
 
     return stats

@@ -103,7 +103,8 @@ def test_a_layers_gates_in_one_call_equal_each_gate_on_its_own(monkeypatch, kern
         grads = [p.grad.clone() for gate in gates for p in gate.parameters()]
         for gate in gates:
             gate.zero_grad(set_to_none=True)
-        return w, aux, xg.grad, grads
+        # the fused gates' stats: computed for all three at once when the first is read
+        return w, aux, xg.grad, grads, [o.stats for o in outs]
 
     for gate in refs + fused:
         gate.train()
@@ -119,6 +120,12 @@ def test_a_layers_gates_in_one_call_equal_each_gate_on_its_own(monkeypatch, kern
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(got[3], want[3]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    entropies = {float(want[4][i]["selector_entropy"]) for i in (0, 2, 4)}  # the fused ones
+    assert len(entropies) == 3  # they differ: each must get its own
+    for a, b in zip(got[4], want[4]):
+        assert a.keys() == b.keys()
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-12, msg=key)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
