@@ -507,7 +507,7 @@ class Trainer:
             samples += global_batch
             window_samples += global_batch
 
-            scalars.add(out, self.step)  # losses and label sums: one row, no host sync
+            scalars.add(out, self.step)  # losses and label sums, kept: no operator, no host sync
             # the gates' own statistics on the last step of each logging window only
             logs = self.step % tc.log_every == 0 or self.step == self.total_steps
             # and their weight statistics every gate_telemetry_every steps (and at logging)
