@@ -258,9 +258,10 @@ class Trainer:
         # 7. metrics and sinks (rank 0 writes)
         T = len(self.task_names)
         self.label_means = LabelMeans(T, self.device)
-        # each step's losses and label sums, reduced when read (folded into label_means)
+        # each step's losses and label sums, reduced when read (folded into label_means); at
+        # most 256 steps' tensors held between folds, whatever log_every
         self.step_scalars = StepScalars(
-            T, min(cfg.trainer.log_every, self.total_steps), self.label_means, self.device
+            T, min(cfg.trainer.log_every, self.total_steps, 256), self.label_means, self.device
         )
         loss_weights = model.loss.loss_weights.tolist()
         self.eval_metrics = TaskMetrics(self.task_names, self.task_types, loss_weights)

@@ -40,9 +40,10 @@ class StepScalars:
         self.num_tasks = T
         self.label_means = label_means
         self.max_pending = max(max_pending, 1)
-        # the steps added since the last fold: (step, loss, task losses, regularisers, label
-        # sums, label weights), detached references
-        self.pending: list[tuple[int, torch.Tensor, ...]] = []
+        # the steps added since the last fold, consecutive from first_pending_step: (loss, task
+        # losses, regularisers, label sums, label weights), detached references
+        self.pending: list[tuple[torch.Tensor, ...]] = []
+        self.first_pending_step = 0
         # since the last reset_losses: the sum of the loss, then of each task's loss, over steps
         self.loss_sums = torch.zeros(T + 1, dtype=torch.float64, device=device)
         self.steps = 0
@@ -51,12 +52,16 @@ class StepScalars:
         self.first_bad = torch.full((T + 1,), -1, dtype=torch.long, device=device)
 
     def add(self, out: StepOutput, step: int) -> None:
-        """Step `step`'s scalars (its StepOutput), kept until the next fold."""
-        if len(self.pending) >= self.max_pending:
+        """Step `step`'s scalars (its StepOutput), kept until the next fold (which comes first
+        when max_pending steps are kept, or when `step` does not follow the last one)."""
+        if len(self.pending) >= self.max_pending or (
+            self.pending and step != self.first_pending_step + len(self.pending)
+        ):
             self.fold()
+        if not self.pending:
+            self.first_pending_step = step
         self.pending.append(
             (
-                step,
                 out.loss.detach(),
                 out.task_losses.detach(),
                 out.aux_loss.detach(),
@@ -67,12 +72,11 @@ class StepScalars:
 
     def fold(self) -> None:
         """Reduces the steps added since the last fold into loss_sums, steps, first_bad and
-        the label means: a few operators whatever their number (on a GPU, with one small copy
-        of the step numbers to the device)."""
+        the label means: a few operators on the device whatever their number, no host sync."""
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        steps, loss, task_losses, aux, label_sums, label_weights = zip(*pending)
+        loss, task_losses, aux, label_sums, label_weights = zip(*pending)
         # [steps, T + 2]: the loss, each task's loss, the regularisers; float64 sums
         losses = torch.cat(
             [torch.stack(loss)[:, None], torch.stack(task_losses), torch.stack(aux)[:, None]], 1
@@ -84,8 +88,7 @@ class StepScalars:
         )
         bad = ~torch.isfinite(losses[:, 1:])  # [steps, T + 1]: task losses, regularisers
         # the first bad row of each column (argmax of 0/1 is the first 1), where there is one
-        step_of = torch.tensor(steps, dtype=torch.long, device=losses.device)
-        first = step_of[bad.to(torch.uint8).argmax(0)]
+        first = bad.to(torch.uint8).argmax(0) + self.first_pending_step
         new = torch.where(bad.any(0), first, self.first_bad.new_full((), -1))
         self.first_bad = torch.where(self.first_bad >= 0, self.first_bad, new)
         self.steps += len(pending)

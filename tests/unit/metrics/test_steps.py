@@ -98,3 +98,18 @@ def test_a_bad_step_in_the_first_row_after_a_fold_keeps_its_own_step():
     scalars.add(_out(4, {2: math.nan}), 4)
     scalars.fold()
     assert scalars.first_nonfinite() == (4, [2])
+
+
+def test_a_step_that_does_not_follow_the_last_folds_first_and_keeps_its_own_number():
+    """Resumed runs and skipped numbers: the rows kept are consecutive steps, so a gap folds."""
+    means = LabelMeans(T, torch.device("cpu"))
+    scalars = StepScalars(T, 10, means, torch.device("cpu"))
+    for s in (1, 2):
+        scalars.add(_out(s), s)
+    scalars.add(_out(7, {0: math.inf}), 7)
+    scalars.add(_out(8), 8)
+    scalars.add(_out(9, {T: math.nan}), 9)
+    scalars.fold()
+    assert scalars.steps == 5
+    assert scalars.first_bad.tolist() == [7, -1, -1, 9]
+    assert scalars.first_nonfinite() == (7, [0])
