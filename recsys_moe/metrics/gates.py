@@ -153,11 +153,12 @@ class GateTelemetry:
                 self.moe[k] = self.moe.get(k, 0.0) + total
         self._pending_moe = {}
 
-    @torch.no_grad()
     def _update_selection(self, gates: Sequence[GateOutput]) -> None:
         """track_selection: whether each task's selected experts changed since the last batch
         (every batch, so no change is missed)."""
-        if self.track_selection and gates:
+        if not (self.track_selection and gates):
+            return
+        with torch.no_grad():
             selection = torch.stack([g.weights[0] != 0 for g in gates])  # [T, N]
             if self._last_selection is not None:
                 self.selection_changes += (selection != self._last_selection).any(-1)
