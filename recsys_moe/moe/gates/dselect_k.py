@@ -231,7 +231,8 @@ class DSelectKGate(Gate):
         if step < 0 or total_steps < 0:
             raise ValueError(f"set_train_progress({step}, {total_steps}): both must be >= 0")
         self.train_step.fill_(step)
-        self.total_steps.fill_(total_steps)
+        if self._progress is None or self._progress[1] != total_steps:  # once a run, not a step
+            self.total_steps.fill_(total_steps)
         self._lam = None
         self._progress = (step, total_steps)
 
