@@ -360,8 +360,15 @@ def test_schedule_position_is_saved_with_the_model():
         n=8, k=2, entropy_reg=1.0, entropy_start_fraction=0.5, entropy_warmup_fraction=0.1
     )
     assert resumed.current_entropy_reg().item() == 0.0
+    resumed.set_train_progress(3, 300)  # a position the loaded state replaces
     resumed.load_state_dict(state)
     assert resumed.current_entropy_reg().item() == pytest.approx(0.25, rel=1e-6)
+    # total_steps is written once a run, not every step: where it changes, and after a load
+    resumed.set_train_progress(106, 300)
+    assert [resumed.state_dict()[k].item() for k in ("train_step", "total_steps")] == [106, 300]
+    gate.set_train_progress(106, 200)
+    gate.set_train_progress(107, 400)
+    assert [gate.state_dict()[k].item() for k in ("train_step", "total_steps")] == [107, 400]
 
 
 @pytest.mark.parametrize(
