@@ -138,7 +138,7 @@ def _build_window(
     decoder: UnitDecoder, fs: pafs.FileSystem, units: list[RowGroup], seed: Optional[list[int]]
 ) -> Chunk:
     """The rows of `units`, read, validated, concatenated and (seed given) permuted."""
-    chunk = Chunk.cat([decoder.read(fs, u) for u in units])
+    chunk = Chunk.cat(decoder.read_units(fs, units))
     if seed is not None:
         rng = np.random.default_rng(seed)
         chunk = chunk.take(torch.from_numpy(rng.permutation(chunk.num_rows)))

