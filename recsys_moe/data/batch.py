@@ -41,6 +41,12 @@ class Batch(Pipelineable):
         return self.labels.shape[0]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        """This batch on `device`: itself where it is already there (as Tensor.to), which on
+        CPU saves building a new KeyedJaggedTensor every step (20 us)."""
+        device = torch.device(device)
+        if self.dense.device == device and self.sparse.device() == device:
+            return self
+
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device=device, non_blocking=non_blocking)
 
