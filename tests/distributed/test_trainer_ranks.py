@@ -103,7 +103,12 @@ def _assert_same(got: dict, want: dict, what: str) -> None:
     }
     assert len(evals) > 20, what
     for key, value in evals.items():
-        assert got["summary"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{what}: {key}"
+        # AUC is a rank statistic: predictions that agree to float32 rounding can still order a
+        # near-tied pair of examples differently, and each such pair moves it by 1 / (positives
+        # x negatives), about 5e-6 on the tiny eval set (seen: one pair, on an AMD EPYC host).
+        # The log loss checks the same predictions continuously, at the tight tolerance.
+        tol = {"abs": 5e-5} if key.endswith("/auc") else {"rel": 1e-5, "abs": 1e-6}
+        assert got["summary"][key] == pytest.approx(value, **tol), f"{what}: {key}"
 
 
 @pytest.fixture(scope="module")
