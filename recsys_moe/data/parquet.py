@@ -302,9 +302,10 @@ class UnitDecoder:
 
     def read_units(self, fs: pafs.FileSystem, units: Sequence[RowGroup]) -> list[Chunk]:
         """`read` of each unit, in order, reading the units of one file in one call (a shuffled
-        window takes several row groups from each of a few files; per file, pyarrow's one call
-        took 0.96x the time of one call per row group). A file whose call fails is read unit by
-        unit, so what is raised, skipped and counted is what `read` gives, in unit order."""
+        window takes several row groups from each of a few files: bench.trainer's first window,
+        10 from 4, took 55.5 ms against 60-64 ms read one call per row group). A file whose call
+        fails is read unit by unit, so what is raised, skipped and counted is what `read`
+        gives, in unit order."""
         by_file: dict[str, list[int]] = {}
         for i, u in enumerate(units):
             by_file.setdefault(u.path, []).append(i)
