@@ -220,6 +220,11 @@ class Chunk:
         )
 
 
+def _where(unit: RowGroup) -> str:
+    """How messages name a row group: file and index."""
+    return f"{unit.path}: row group {unit.index}"
+
+
 def _offsets(lengths: np.ndarray) -> np.ndarray:
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
@@ -327,7 +332,7 @@ class UnitDecoder:
                 tables[i] = table.slice(start, units[i].num_rows)
                 start += units[i].num_rows
         return [
-            self.read(fs, u) if t is None else self.decode(t, f"{u.path}: row group {u.index}")
+            self.read(fs, u) if t is None else self.decode(t, _where(u))
             for u, t in zip(units, tables)
         ]
 
@@ -337,7 +342,7 @@ class UnitDecoder:
         """`read`, and the `extra` columns (as stored, any type) of the rows the chunk holds, in
         its order: the same rows also where bad rows were left out (None when `extra` is empty
         or the row group was left out)."""
-        where = f"{unit.path}: row group {unit.index}"
+        where = _where(unit)
         columns = self.columns + [c for c in extra if c not in self.columns]
         try:
             table = self._file(fs, unit.path).read_row_group(unit.index, columns=columns)
