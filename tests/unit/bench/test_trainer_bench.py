@@ -1,5 +1,6 @@
 """bench.trainer: the DLRM it compares against does the trunk's work per example, and a tiny run
-reports every ratio its goals name, from arms that took the paths they claim."""
+reports every ratio its goals name, from arms that took the paths they claim, and prints each
+beside the quartiles of its rounds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from recsys_moe.bench.trainer import GOALS, compose_config, dlrm_over_arch, main, trunk_macs
+from recsys_moe.bench.trainer import (
+    GOALS,
+    compose_config,
+    dlrm_over_arch,
+    main,
+    ratio_table,
+    trunk_macs,
+)
 
 
 def test_the_dlrm_over_arch_matches_the_trunks_multiply_adds():
@@ -107,3 +115,15 @@ def test_interleaved_steps_alternate_the_loops_step_by_step():
     times = interleaved_steps({"a": a, "b": b}, 4)
     assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 0), ("a", 0), ("b", 1)]
     assert [len(t) for t in times.values()] == [4, 4]
+
+
+def test_the_printed_ratios_show_the_quartiles_of_their_rounds():
+    report = {
+        "ratios": {"trainer_vs_bare_loop": 0.97, "trainer_with_eval_vs_bare_loop": 0.9},
+        "spread": {"trainer_vs_bare_loop": [0.91, 0.95, 1.02]},
+    }
+    lines = ratio_table(report).splitlines()
+    assert lines[0].split() == ["ratio", "value", "q1", "median", "q3"]
+    assert lines[1].split() == ["trainer_vs_bare_loop", "0.970", "0.910", "0.950", "1.020"]
+    # a ratio with no per-round figures (one computed from others) prints dashes, not zeros
+    assert lines[2].split() == ["trainer_with_eval_vs_bare_loop", "0.900", "-", "-", "-"]
