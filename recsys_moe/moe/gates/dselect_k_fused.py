@@ -20,10 +20,9 @@ test_dselect_k_fused.py checks them in float64), computed differently:
 - `compiled` runs the forward and backward math each as one torch.compile'd kernel (inductor: a
   C++ loop on CPU, Triton on CUDA); the first call of each shape compiles (seconds), later ones
   reuse it (batch sizes become dynamic after the first change);
-- `native` runs them each as one numba loop on CPU tensors (dselect_k_native.py: compiled once
-  per dtype and cached on disk; forward also counts the active (example, expert) pairs for the
-  layer's sparse/dense decision) where that measured faster (dselect_k_native_available), and
-  as `fused` elsewhere.
+- `native` runs them each as one numba loop on CPU float tensors (dselect_k_native.py: compiled
+  once per dtype and cached on disk; forward also counts the active (example, expert) pairs for
+  the layer's sparse/dense decision; dselect_k_native_available), and as `fused` elsewhere.
 
 Static gates (per_example=false) compute their weights once per batch on [K, N], not per
 example: they keep the reference path whatever the kernel.
@@ -187,7 +186,7 @@ class _DSelectKFunction(torch.autograd.Function):
         lin = torch.addmm(b_TH.reshape(t * h, 1), w_THD.reshape(t * h, d), x_BD.t())
         lin = lin.view(t, h, x_BD.shape[0])
         # on lin's dtype: under autocast (a gate called outside the MoE layer) addmm gives bf16
-        native = kernel == "native" and dselect_k_native_available(lin, n)
+        native = kernel == "native" and dselect_k_native_available(lin)
         if native:  # one compiled loop each way (dselect_k_native.py)
             w_TBN, ent, reach, u, mix, d_ent, pairs[0] = _native().forward_native(
                 lin, k, m, n, with_entropy, with_reach, hard, REACH_EPS
@@ -248,25 +247,19 @@ class _DSelectKFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
-# The most experts for which kernel=native runs its loops while torch has several threads.
-# Gate forward + backward, 4 gates, k = 2, batch 512 to 8192 (2 threads, interleaved): the
-# loops took 0.73-0.77 of the fused kernel's time at 8 experts, 0.75-0.97 at 16, 1.06-1.23 at
-# 64, where the fused kernel's passes over [T*K, 64, B] split well over the threads and the
-# single-threaded loops do not; on 1 thread the loops took 0.58-0.87 at every size.
-NATIVE_MAX_EXPERTS_THREADED = 16
-
-
-def dselect_k_native_available(x: torch.Tensor, num_experts: int) -> bool:
-    """Whether kernel=native runs its compiled loops on x (CPU, float32 or float64) for gates
-    of num_experts, rather than the fused kernel's torch math (also where numba cannot load:
+def dselect_k_native_available(x: torch.Tensor) -> bool:
+    """Whether kernel=native runs its compiled loops on x (CPU, float32 or float64), rather than the fused kernel's torch math (also where numba cannot load:
     _native). Not while torch traces (torch.export, torch.compile): its fake tensors have no
-    memory for the loops, and the fused math traces."""
+    memory for the loops, and the fused math traces.
+
+    Any number of experts and threads: the loops, single-threaded and tiled over the batch,
+    measured faster than the fused math on 2 threads at every size tried (4 gates, k = 2,
+    8 to 128 experts, batch 512 to 8192: README, "Benchmarks")."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and type(x) is torch.Tensor  # not a tracer's subclass (FakeTensor, FunctionalTensor)
         and not torch.compiler.is_compiling()
-        and (num_experts <= NATIVE_MAX_EXPERTS_THREADED or torch.get_num_threads() == 1)
         and _native() is not None
     )
 

@@ -18,10 +18,13 @@ and log; the loops would call them one value at a time). Backward recomputes the
 and the code tree from the affine outputs (cheaper here than keeping them) and takes the
 mixing weights and the entropy's derivative in r from forward.
 
-The loops run on one thread: where torch has several and the gates many experts, the fused
-kernel's larger passes split better over them, so `native` runs the loops only where they
-measured faster (dselect_k_fused.dselect_k_native_available), and on other devices, the fused
-kernel's torch math (dselect_k_fused.py).
+The loops run the batch in tiles of 128 to 512 examples (tile()), every gate of a tile before
+the next tile, so a tile's code tree and weights stay in the core's cache: at 64 experts and
+batch 4096 the tree of the whole batch is 2 MiB, and the untiled loops took 1.3x (backward) to
+2x (forward) the tiled ones' time. The loops run on one thread, and measured faster than the
+fused kernel's torch math on 2 threads at every size tried (README, "Benchmarks"), so
+`native` runs them on every CPU float tensor (dselect_k_fused.dselect_k_native_available); on
+other devices and dtypes, the fused kernel's torch math (dselect_k_fused.py).
 """
 
 from __future__ import annotations
@@ -47,6 +50,20 @@ _jit = numba.njit(
 )
 
 
+# Examples per tile of the loops: as many as keep a tile's code tree, 2 * 2^M values per
+# example, within 16K values, and from 128 to 512. Forward + backward of one gate, batch 4096,
+# float32 (README, "Benchmarks"): 128 was the fastest at 32 and 64 experts (256 and 512 took
+# up to 1.2x and 1.5x its time); at 8 and 16 experts 512 was as fast as any, and 64 up to
+# 1.3x slower.
+TILE_VALUES = 16384
+TILE_MIN, TILE_MAX = 128, 512
+
+
+def tile(m: int) -> int:
+    """Examples per tile of the loops for codes of M bits."""
+    return min(max(TILE_VALUES // (2 << m), TILE_MIN), TILE_MAX)
+
+
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -57,125 +74,154 @@ def _consts(dtype: torch.dtype, reach_eps: float, batch: int) -> np.ndarray:
 
 
 @_jit
-def _forward_loop(lin, mix, k, m, n, hard, with_entropy, with_reach, consts, w, u, reach, r_out):
+def _forward_loop(
+    lin, mix, k, m, n, hard, with_entropy, with_reach, consts, width, w, u, reach, r_out
+):
     """w [T, B, N], u [T*K, M, B], reach [T] (0 without with_reach) and (with_entropy) the
     codes r_out [T, K, N, B] from lin [T, H, B] and the mixing weights mix [T, K, B]; returns
-    the number of (example, expert) pairs with a nonzero weight in some gate."""
+    the number of (example, expert) pairs with a nonzero weight in some gate. The batch runs
+    in tiles of `width` examples, every gate of a tile before the next tile: the tile's code
+    tree and weights stay in cache."""
     zero, one, reach_eps = consts[0], consts[1], consts[7]
     t_n, _, b_n = lin.shape
     codes = 1 << m
-    prefixes = np.empty((2 * codes, b_n), lin.dtype)  # level j at rows [2^j - 1, 2^(j+1) - 1)
-    s = np.empty((m, b_n), lin.dtype)
-    w_nb = np.empty((n, b_n), lin.dtype)
-    r_sum = np.empty(b_n, lin.dtype)
-    active = np.zeros((n, b_n), np.bool_)
-    for t in range(t_n):
-        w_nb[:] = zero
-        reach_t = zero
-        for kk in range(k):
-            for j in range(m):
-                _selector(lin[t, kk * m + j], hard, consts, u[t * k + kk, j], s[j])
-            _code_tree(s, m, one, prefixes)
-            last, mix_k = codes - 1, mix[t, kk]
+    last = codes - 1
+    prefixes = np.empty((2 * codes, width), lin.dtype)  # level j: rows [2^j - 1, 2^(j+1) - 1)
+    s = np.empty((m, width), lin.dtype)
+    w_nb = np.empty((n, width), lin.dtype)
+    r_sum = np.empty(width, lin.dtype)
+    active = np.empty((n, width), np.bool_)
+    reach[:] = zero
+    pairs = 0
+    for b0 in range(0, b_n, width):
+        bt = min(width, b_n - b0)
+        active[:] = False
+        for t in range(t_n):
+            w_nb[:] = zero
+            for kk in range(k):
+                for j in range(m):
+                    _selector(
+                        lin[t, kk * m + j, b0 : b0 + bt],
+                        hard,
+                        consts,
+                        u[t * k + kk, j, b0 : b0 + bt],
+                        s[j],
+                    )
+                _code_tree(s, m, bt, one, prefixes)
+                mix_k = mix[t, kk, b0 : b0 + bt]
+                for c in range(n):
+                    r, w_c = prefixes[last + c], w_nb[c]
+                    for b in range(bt):
+                        w_c[b] += mix_k[b] * r[b]
+                    if with_entropy:  # its logs are torch's (vectorised), on these codes
+                        r_c = r_out[t, kk, c, b0 : b0 + bt]
+                        for b in range(bt):
+                            r_c[b] = r[b]
+                if with_reach:
+                    _code_sums(prefixes, last, n, bt, zero, r_sum)
+                    acc = zero
+                    for b in range(bt):
+                        acc += one / (r_sum[b] + reach_eps)
+                    reach[t] += acc
             for c in range(n):
-                r, w_c = prefixes[last + c], w_nb[c]
-                for b in range(b_n):
-                    w_c[b] += mix_k[b] * r[b]
-                if with_entropy:  # its logs are torch's (vectorised), on these codes
-                    r_out[t, kk, c] = r
-            if with_reach:
-                _code_sums(prefixes[last : last + n], zero, r_sum)
-                for b in range(b_n):
-                    reach_t += one / (r_sum[b] + reach_eps)
-        reach[t] = reach_t / consts[6]  # the batch size, in the data's dtype
+                w_c, act_c = w_nb[c], active[c]
+                for b in range(bt):
+                    act_c[b] |= w_c[b] != zero
+            for b in range(bt):  # [N, tile] -> the layer's [B, N]
+                for c in range(n):
+                    w[t, b0 + b, c] = w_nb[c, b]
         for c in range(n):
-            w_c, act_c = w_nb[c], active[c]
-            for b in range(b_n):
-                act_c[b] |= w_c[b] != zero
-        for b in range(b_n):  # [N, B] -> the layer's [B, N]
-            for c in range(n):
-                w[t, b, c] = w_nb[c, b]
-    return active.sum()
+            act_c = active[c]
+            for b in range(bt):
+                pairs += act_c[b]
+    for t in range(t_n):
+        reach[t] /= consts[6]  # the batch size, in the data's dtype
+    return pairs
 
 
 @_jit
 def _backward_loop(
-    lin, mix, g_w, grad_ent, grad_reach, d_ent, k, m, n, hard, with_reach, consts, g_lin
+    lin, mix, g_w, grad_ent, grad_reach, d_ent, k, m, n, hard, with_reach, consts, width, g_lin
 ):
     """The gradient g_lin [T, H, B] of lin from those of w [T, B, N], the entropy [T] and the
-    reachability [T] (d_ent: the entropy's derivative in r, [T, K, N, B], or empty)."""
+    reachability [T] (d_ent: the entropy's derivative in r, [T, K, N, B], or empty), in tiles of
+    `width` examples as forward."""
     zero, one, six, reach_eps = consts[0], consts[1], consts[5], consts[7]
     t_n, _, b_n = lin.shape
     km, codes = k * m, 1 << m
+    last = codes - 1
     with_entropy = d_ent.shape[0] > 0
-    prefixes = np.empty((2 * codes, b_n), lin.dtype)
-    grads = np.empty((codes, b_n), lin.dtype)  # dL/d(codes of the current level)
-    u = np.empty((m, b_n), lin.dtype)
-    s = np.empty((m, b_n), lin.dtype)
-    g_mix = np.empty((k, b_n), lin.dtype)
-    g_nb = np.empty((n, b_n), lin.dtype)
-    r_sum = np.empty(b_n, lin.dtype)
-    g_s = np.empty(b_n, lin.dtype)
-    dot = np.empty(b_n, lin.dtype)
-    for t in range(t_n):
-        for c in range(n):  # batch last, as everything else here
-            g_c = g_nb[c]
-            for b in range(b_n):
-                g_c[b] = g_w[t, b, c]
-        g_ent, g_reach = grad_ent[t], grad_reach[t]  # divided by B already
-        for kk in range(k):
-            for j in range(m):
-                _selector(lin[t, kk * m + j], hard, consts, u[j], s[j])
-            _code_tree(s, m, one, prefixes)
-            last, mix_k, g_mix_k = codes - 1, mix[t, kk], g_mix[kk]
-            if with_reach:
-                _code_sums(prefixes[last : last + n], zero, r_sum)
-            g_mix_k[:] = zero
-            for c in range(n):
-                r, g_c, out = prefixes[last + c], g_nb[c], grads[c]
-                for b in range(b_n):
-                    g_mix_k[b] += g_c[b] * r[b]
-                    out[b] = mix_k[b] * g_c[b]
-                if with_entropy:  # d(-r log(r + eps))/dr = -d_ent
-                    d_row = d_ent[t, kk, c]
-                    for b in range(b_n):
-                        out[b] -= g_ent * d_row[b]
+    prefixes = np.empty((2 * codes, width), lin.dtype)
+    grads = np.empty((codes, width), lin.dtype)  # dL/d(codes of the current level)
+    u = np.empty((m, width), lin.dtype)  # the tile's selectors before the step
+    s = np.empty((m, width), lin.dtype)
+    g_mix = np.empty((k, width), lin.dtype)
+    g_nb = np.empty((n, width), lin.dtype)
+    r_sum = np.empty(width, lin.dtype)
+    g_s = np.empty(width, lin.dtype)
+    dot = np.empty(width, lin.dtype)
+    for b0 in range(0, b_n, width):
+        bt = min(width, b_n - b0)
+        for t in range(t_n):
+            for b in range(bt):  # batch last, as everything else here
+                for c in range(n):
+                    g_nb[c, b] = g_w[t, b0 + b, c]
+            g_ent, g_reach = grad_ent[t], grad_reach[t]  # divided by B already
+            for kk in range(k):
+                for j in range(m):
+                    _selector(lin[t, kk * m + j, b0 : b0 + bt], hard, consts, u[j], s[j])
+                _code_tree(s, m, bt, one, prefixes)
                 if with_reach:
-                    for b in range(b_n):
-                        d = r_sum[b] + reach_eps
-                        out[b] -= g_reach / (d * d)
-            grads[n:] = zero  # unreachable codes: no gradient
-            for j in range(m - 1, -1, -1):  # walk the code tree back, level by level
-                level, s_row = (1 << j) - 1, s[j]
-                g_s[:] = zero
-                for a in range(1 << j):
-                    lo, hi, r = grads[2 * a], grads[2 * a + 1], prefixes[level + a]
-                    to = grads[a]  # a <= 2a: written after both are read
-                    for b in range(b_n):
-                        diff = hi[b] - lo[b]
-                        g_s[b] += diff * r[b]
-                        to[b] = lo[b] + diff * s_row[b]
-                u_row, out = u[j], g_lin[t, kk * m + j]
-                if hard:  # rounded selectors: S is flat where unsaturated, as the fused kernel
-                    for b in range(b_n):
-                        if zero < u_row[b] < one:
-                            u_row[b] = s_row[b]
-                for b in range(b_n):  # dS/du = 6u(1 - u): 0 where the clamp saturates
-                    out[b] = g_s[b] * (six * u_row[b] * (one - u_row[b]))
-        dot[:] = zero  # softmax backward
-        for kk in range(k):
-            mix_k, g_mix_k = mix[t, kk], g_mix[kk]
-            for b in range(b_n):
-                dot[b] += mix_k[b] * g_mix_k[b]
-        for kk in range(k):
-            mix_k, g_mix_k, out = mix[t, kk], g_mix[kk], g_lin[t, km + kk]
-            for b in range(b_n):
-                out[b] = mix_k[b] * (g_mix_k[b] - dot[b])
+                    _code_sums(prefixes, last, n, bt, zero, r_sum)
+                mix_k, g_mix_k = mix[t, kk, b0 : b0 + bt], g_mix[kk]
+                g_mix_k[:] = zero
+                for c in range(n):
+                    r, g_c, out = prefixes[last + c], g_nb[c], grads[c]
+                    for b in range(bt):
+                        g_mix_k[b] += g_c[b] * r[b]
+                        out[b] = mix_k[b] * g_c[b]
+                    if with_entropy:  # d(-r log(r + eps))/dr = -d_ent
+                        d_row = d_ent[t, kk, c, b0 : b0 + bt]
+                        for b in range(bt):
+                            out[b] -= g_ent * d_row[b]
+                    if with_reach:
+                        for b in range(bt):
+                            d = r_sum[b] + reach_eps
+                            out[b] -= g_reach / (d * d)
+                grads[n:] = zero  # unreachable codes: no gradient
+                for j in range(m - 1, -1, -1):  # walk the code tree back, level by level
+                    level, s_row = (1 << j) - 1, s[j]
+                    g_s[:] = zero
+                    for a in range(1 << j):
+                        lo, hi, r = grads[2 * a], grads[2 * a + 1], prefixes[level + a]
+                        to = grads[a]  # a <= 2a: written after both are read
+                        for b in range(bt):
+                            diff = hi[b] - lo[b]
+                            g_s[b] += diff * r[b]
+                            to[b] = lo[b] + diff * s_row[b]
+                    u_row, out = u[j], g_lin[t, kk * m + j, b0 : b0 + bt]
+                    if hard:  # rounded selectors: S is flat where unsaturated, as the fused kernel
+                        for b in range(bt):
+                            if zero < u_row[b] < one:
+                                u_row[b] = s_row[b]
+                    for b in range(bt):  # dS/du = 6u(1 - u): 0 where the clamp saturates
+                        out[b] = g_s[b] * (six * u_row[b] * (one - u_row[b]))
+            dot[:] = zero  # softmax backward
+            for kk in range(k):
+                mix_k, g_mix_k = mix[t, kk, b0 : b0 + bt], g_mix[kk]
+                for b in range(bt):
+                    dot[b] += mix_k[b] * g_mix_k[b]
+            for kk in range(k):
+                mix_k, g_mix_k = mix[t, kk, b0 : b0 + bt], g_mix[kk]
+                out = g_lin[t, km + kk, b0 : b0 + bt]
+                for b in range(bt):
+                    out[b] = mix_k[b] * (g_mix_k[b] - dot[b])
 
 
 @_jit
 def _selector(row, hard, consts, u_row, s_row):
-    """u = clamp(row, 0, 1) and the smooth step S = 3u^2 - 2u^3 (hard: u >= 1/2)."""
+    """u = clamp(row, 0, 1) and the smooth step S = 3u^2 - 2u^3 (hard: u >= 1/2), over the
+    tile's examples (row's length): u into u_row, S into s_row."""
     zero, one, two, three, half = consts[0], consts[1], consts[2], consts[3], consts[4]
     for b in range(row.shape[0]):
         u_row[b] = min(max(row[b], zero), one)
@@ -189,28 +235,32 @@ def _selector(row, hard, consts, u_row, s_row):
 
 
 @_jit
-def _code_tree(s, m, one, prefixes):
-    """Prefix products of the codes, most significant bit first: level j + 1 holds
-    R[2a + 1] = R_j[a] s_j and R[2a] = R_j[a] - R_j[a] s_j (as dselect_k_fused._codes)."""
-    prefixes[0, :] = one
+def _code_tree(s, m, bt, one, prefixes):
+    """Prefix products of the codes over the tile's first bt examples, most significant bit
+    first: level j + 1 holds R[2a + 1] = R_j[a] s_j and R[2a] = R_j[a] - R_j[a] s_j (as
+    dselect_k_fused._codes)."""
+    for b in range(bt):
+        prefixes[0, b] = one
     for j in range(m):
-        src, dst, s_row = (1 << j) - 1, (1 << (j + 1)) - 1, s[j]
+        src, dst = (1 << j) - 1, (1 << (j + 1)) - 1
+        s_row = s[j]
         for a in range(1 << j):
             r, lo, hi = prefixes[src + a], prefixes[dst + 2 * a], prefixes[dst + 2 * a + 1]
-            for b in range(r.shape[0]):
+            for b in range(bt):
                 x = r[b] * s_row[b]
                 hi[b] = x
                 lo[b] = r[b] - x
 
 
 @_jit
-def _code_sums(r, zero, out):
-    """out[b] = sum over the reachable codes of r [N, B]."""
-    out[:] = zero
-    for c in range(r.shape[0]):
-        r_c = r[c]
-        for b in range(out.shape[0]):
-            out[b] += r_c[b]
+def _code_sums(prefixes, last, n, bt, zero, out):
+    """out[b] = sum over the reachable codes (rows last .. last + n of prefixes) of r, over the
+    tile's first bt examples."""
+    for b in range(bt):
+        out[b] = zero
+    for c in range(n):
+        for b in range(bt):
+            out[b] += prefixes[last + c, b]
 
 
 def forward_native(
@@ -242,6 +292,7 @@ def forward_native(
         with_entropy,
         with_reach,
         _consts(lin.dtype, reach_eps, b),
+        tile(m),
         w.numpy(),
         u.numpy(),
         reach.numpy(),
@@ -283,6 +334,7 @@ def backward_native(
         hard,
         with_reach,
         _consts(lin.dtype, reach_eps, b),
+        tile(m),
         g_lin.numpy(),
     )
     return g_lin

@@ -246,18 +246,37 @@ def test_native_counts_the_pairs_some_gate_weights(n, k):
             assert 0 < pairs < B * n  # some pairs off, some on: the count is not trivial
 
 
-def test_native_runs_its_loops_where_they_measured_faster(monkeypatch):
-    """kernel=native: the numba loops on CPU floats, for any number of experts on one thread and
-    up to NATIVE_MAX_EXPERTS_THREADED on several (beyond, the fused kernel's torch math, whose
-    passes split over the threads)."""
+def test_native_runs_its_loops_on_cpu_floats_for_any_size_and_threads(monkeypatch):
+    """kernel=native: the numba loops on CPU float32 and float64 tensors, whatever the number
+    of torch threads (they measured faster than the fused math at every size on 2 threads);
+    other dtypes take the fused kernel's torch math."""
     x = torch.randn(4, D)
-    limit = fused_module.NATIVE_MAX_EXPERTS_THREADED
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert fused_module.dselect_k_native_available(x, limit)
-    assert not fused_module.dselect_k_native_available(x, limit + 1)
-    assert not fused_module.dselect_k_native_available(x.half(), 8)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert fused_module.dselect_k_native_available(x, 4 * limit)
+    for threads in (1, 2, 16):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert fused_module.dselect_k_native_available(x)
+        assert fused_module.dselect_k_native_available(x.float())
+        assert not fused_module.dselect_k_native_available(x.half())
+        assert not fused_module.dselect_k_native_available(x.bfloat16())
+
+
+@pytest.mark.parametrize("n, k", [(64, 2), (6, 3), (16, 1)])
+@pytest.mark.parametrize("train", [True, False])
+def test_native_loops_tiled_over_the_batch_equal_the_reference(monkeypatch, n, k, train):
+    """The loops run the batch in tiles (dselect_k_native.tile): with tiles of 8 examples, 37
+    examples take five tiles, the last of 5, and the weights, the regularisers (accumulated
+    over tiles), the pair count and every gradient stay the reference's (float64)."""
+    from recsys_moe.moe.gates import dselect_k_native
+
+    assert dselect_k_native.tile(6) == dselect_k_native.TILE_MIN  # 64 experts: 128 examples
+    assert dselect_k_native.tile(3) == dselect_k_native.TILE_MAX
+    seen = []
+    monkeypatch.setattr(dselect_k_native, "tile", lambda m: seen.append(m) or 8)
+    ref, native = _pair(n, k, entropy_reg=0.3, kernel="native")
+    _assert_equal(ref, native, train)
+    assert seen  # the loops ran, in tiles of 8
+    native.train(train)
+    _, w, pairs = stacked_forward_gates([native], torch.randn(B, D))
+    assert pairs == int((w != 0).sum())
 
 
 def test_native_in_float32_agrees_with_fused_and_counts_the_same_pairs():
@@ -301,7 +320,7 @@ def test_native_without_numba_warns_and_computes_as_fused(monkeypatch):
     fused_module._native.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match=r"model\.gate\.kernel=native: its numba loops"):
-            assert not fused_module.dselect_k_native_available(torch.randn(2, D), 6)
+            assert not fused_module.dselect_k_native_available(torch.randn(2, D))
         _assert_equal(ref, native, train=True)
     finally:
         fused_module._native.cache_clear()
