@@ -259,12 +259,13 @@ def test_native_runs_its_loops_on_cpu_floats_for_any_size_and_threads(monkeypatc
         assert not fused_module.dselect_k_native_available(x.bfloat16())
 
 
-@pytest.mark.parametrize("n, k", [(64, 2), (6, 3), (16, 1)])
-@pytest.mark.parametrize("train", [True, False])
-def test_native_loops_tiled_over_the_batch_equal_the_reference(monkeypatch, n, k, train):
+@pytest.mark.parametrize("n, k", [(64, 2), (6, 3), (16, 1), (1, 1)])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_hard"])
+def test_native_loops_tiled_over_the_batch_equal_the_reference(monkeypatch, n, k, mode):
     """The loops run the batch in tiles (dselect_k_native.tile): with tiles of 8 examples, 37
     examples take five tiles, the last of 5, and the weights, the regularisers (accumulated
-    over tiles), the pair count and every gradient stay the reference's (float64)."""
+    over tiles), the stats, the pair count and every gradient stay the reference's (float64),
+    also with hard_inference's rounded selectors."""
     from recsys_moe.moe.gates import dselect_k_native
 
     assert dselect_k_native.tile(6) == dselect_k_native.TILE_MIN  # 64 experts: 128 examples
@@ -272,9 +273,9 @@ def test_native_loops_tiled_over_the_batch_equal_the_reference(monkeypatch, n, k
     seen = []
     monkeypatch.setattr(dselect_k_native, "tile", lambda m: seen.append(m) or 8)
     ref, native = _pair(n, k, entropy_reg=0.3, kernel="native")
-    _assert_equal(ref, native, train)
+    ref.hard_inference = native.hard_inference = mode == "eval_hard"
+    _assert_equal(ref, native, train=mode == "train")
     assert seen  # the loops ran, in tiles of 8
-    native.train(train)
     _, w, pairs = stacked_forward_gates([native], torch.randn(B, D))
     assert pairs == int((w != 0).sum())
 
