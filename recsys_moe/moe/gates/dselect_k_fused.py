@@ -248,9 +248,10 @@ class _DSelectKFunction(torch.autograd.Function):
 
 
 def dselect_k_native_available(x: torch.Tensor) -> bool:
-    """Whether kernel=native runs its compiled loops on x (CPU, float32 or float64), rather than the fused kernel's torch math (also where numba cannot load:
-    _native). Not while torch traces (torch.export, torch.compile): its fake tensors have no
-    memory for the loops, and the fused math traces.
+    """Whether kernel=native runs its compiled loops on x (CPU, float32 or float64), rather
+    than the fused kernel's torch math (also where numba cannot load: _native). Not while torch
+    traces (torch.export, torch.compile): its fake tensors have no memory for the loops, and
+    the fused math traces.
 
     Any number of experts and threads: the loops, single-threaded and tiled over the batch,
     measured faster than the fused math on 2 threads at every size tried (4 gates, k = 2,
