@@ -51,10 +51,10 @@ _jit = numba.njit(
 
 
 # Examples per tile of the loops: as many as keep a tile's code tree, 2 * 2^M values per
-# example, within 16K values, and from 128 to 512. Forward + backward of one gate, batch 4096,
-# float32 (README, "Benchmarks"): 128 was the fastest at 32 and 64 experts (256 and 512 took
-# up to 1.15x and 1.4x its time); at 8 and 16 experts 512 was as fast as any, and 64 up to
-# 1.3x slower.
+# example, within 16K values, and from 128 to 512. Forward + backward, float32
+# (docs/benchmarks.md): at 64 experts (one gate, batch 4096) 128 was the fastest (256 and 512
+# took up to 1.15x and 1.4x its time); at 8 experts (4 gates, batch 8192) 512 was as fast as
+# any, and 64 up to 1.3x slower.
 TILE_VALUES = 16384
 TILE_MIN, TILE_MAX = 128, 512
 
