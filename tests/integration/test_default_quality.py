@@ -5,8 +5,12 @@ DSelect-k must also end k-sparse (its schedule: lambda from half of the 1,170 st
 active experts on every eval example of every task (hard_inference rounds the selectors outside
 training), with at least 99% of the soft selectors' (example, selector) pairs saturated already
 (every bit outside the smooth-step window: rounding changes the few others only). bf16 must also land within
-BF16_TOLERANCE of fp32 on every task. About 40 s per fp32 run and 60 s for bf16 on 2 cores
-(bf16 matmuls are emulated on CPUs without AVX512-BF16 or AMX)."""
+BF16_TOLERANCE of fp32 on every task. On 2 cores each fp32 run takes 30-40 s. The bf16 run
+took about 60 s on a CPU with AVX-512 (oneDNN's bf16 kernels, without AVX512-BF16 or AMX:
+emulated); on one with AVX2 only, torch multiplies bf16 matrices in a single-threaded fallback,
+and it took 400-415 s, half of the whole suite's time. Run on 2 gloo ranks of 1 thread each it
+took 277 s, but the ranks' data shards change the data order, which moved `like`'s AUC by
+0.006 against the one-process fp32 run: a like-for-like check would need a fourth run."""
 
 from __future__ import annotations
 
