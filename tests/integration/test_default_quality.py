@@ -8,7 +8,7 @@ training), with at least 99% of the soft selectors' (example, selector) pairs sa
 BF16_TOLERANCE of fp32 on every task. On 2 cores each fp32 run takes 30-40 s. The bf16 run
 took about 60 s on a CPU with AVX-512 (oneDNN's bf16 kernels, without AVX512-BF16 or AMX:
 emulated); on one with AVX2 only, torch multiplies bf16 matrices in a single-threaded fallback,
-and it took 400-415 s, half of the whole suite's time. Run on 2 gloo ranks of 1 thread each it
+and it took 397-415 s, 44% of the whole suite's time. On 2 gloo ranks of 1 thread each it
 took 277 s, but the ranks' data shards change the data order, which moved `like`'s AUC by
 0.006 against the one-process fp32 run: a like-for-like check would need a fourth run."""
 
