@@ -254,7 +254,7 @@ def test_native_runs_its_loops_on_cpu_floats_for_any_size_and_threads(monkeypatc
     for threads in (1, 2, 16):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
         assert fused_module.dselect_k_native_available(x)
-        assert fused_module.dselect_k_native_available(x.float())
+        assert fused_module.dselect_k_native_available(x.double())
         assert not fused_module.dselect_k_native_available(x.half())
         assert not fused_module.dselect_k_native_available(x.bfloat16())
 
