@@ -24,7 +24,6 @@ from typing import Any, Optional
 import torch
 
 from recsys_moe.bench.common import environment, table, write_report
-from recsys_moe.modules.mlp import task_mlps
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOPS, matched by
 # substring of torch.cuda.get_device_name(), most specific first.
@@ -51,12 +50,10 @@ def bf16_peak_tflops(device_name: str) -> Optional[float]:
 
 def build_trunk(overrides: list[str], compute: str):
     """The trunk of conf/train.yaml's model (with overrides): MultiTaskMoE, and the towers and
-    heads (one ModuleList of the two per task), run as the ranker runs them (task_mlps)."""
-    from torch import nn
-
+    heads (TaskTowers), run as the ranker runs them."""
     from recsys_moe.bench.trainer import compose_config, moe_input_width, trunk_macs
     from recsys_moe.config.schema import ExpertCompute
-    from recsys_moe.modules.mlp import MLP
+    from recsys_moe.modules.mlp import TaskTowers
     from recsys_moe.moe.experts import ExpertBank
     from recsys_moe.moe.gates import build_gate
     from recsys_moe.moe.layer import MultiTaskMoE
@@ -68,9 +65,7 @@ def build_trunk(overrides: list[str], compute: str):
         [build_gate(m.gate, m.num_experts, d) for _ in range(tasks)],
         compute=ExpertCompute(compute),
     )
-    towers = nn.ModuleList(MLP(m.expert_dim, m.tower) for _ in range(tasks))
-    heads = nn.ModuleList(nn.Linear(t.out_dim, 1) for t in towers)
-    return moe, nn.ModuleList([towers, heads]), d, trunk_macs(cfg)
+    return moe, TaskTowers(tasks, m.expert_dim, m.tower), d, trunk_macs(cfg)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         towers.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y = moe(x).y
-            out = task_mlps(y, *towers)
+            out = towers(y)
         out.float().square().mean().backward()
 
     def sync() -> None:

@@ -39,7 +39,9 @@ from recsys_moe.distributed.parallel_dims import ParallelDims
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# 2: the task towers and heads stored stacked (modules/mlp.py, TaskTowers); format 1's
+# per-task tensors do not load into it
+FORMAT = 2
 LATEST = "latest"
 
 

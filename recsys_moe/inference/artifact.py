@@ -39,7 +39,7 @@ from recsys_moe.inference.checkpoint import read_checkpoint
 from recsys_moe.models.ranker import MultiTaskRanker
 
 FORMAT = "recsys_moe.inference"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the towers and heads stacked (TaskTowers), as checkpoint format 2
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"

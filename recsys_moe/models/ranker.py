@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_moe.config.schema import DataConfig, ModelConfig
 from recsys_moe.modules.embeddings import build_embedding_bags
-from recsys_moe.modules.mlp import MLP, task_mlps
+from recsys_moe.modules.mlp import MLP, TaskTowers
 from recsys_moe.moe.experts import ExpertBank
 from recsys_moe.moe.gates import GateOutput, build_gate
 from recsys_moe.moe.layer import MultiTaskMoE
@@ -103,10 +103,8 @@ class MultiTaskRanker(nn.Module):
             compute=model.expert_compute,
             sparse_max_active_fraction=model.sparse_max_active_fraction,
         )
-        self.towers = nn.ModuleList(
-            MLP(model.expert_dim, model.tower, model.dropout) for _ in data.tasks
-        )
-        self.heads = nn.ModuleList(nn.Linear(t.out_dim, 1) for t in self.towers)
+        # every task's tower and head, stacked: [T, I, O] weights, the heads the last layer
+        self.towers = TaskTowers(len(data.tasks), model.expert_dim, model.tower, model.dropout)
 
     @property
     def num_tasks(self) -> int:
@@ -120,7 +118,7 @@ class MultiTaskRanker(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> RankerOutput:
         # TorchRec's TrainPipelineSparseDist traces this with torch.fx to find the tables' input
-        # (sparse): keep it straight-line; the MoE, towers and heads are opaque (leaf) calls.
+        # (sparse): keep it straight-line; the MoE and the towers are opaque (leaf) calls.
         parts = []
         if self.sparse_arch is not None:
             # By name, in the order of the unsharded tables: a sharded collection returns its
@@ -131,5 +129,5 @@ class MultiTaskRanker(nn.Module):
             parts.append(self.bottom(dense))  # [B, bottom[-1]]
         x_BD = torch.cat(parts, dim=1)
         moe = self.moe(x_BD)
-        raw_BT = task_mlps(moe.y, self.towers, self.heads)  # every task's tower and head at once
+        raw_BT = self.towers(moe.y)  # every task's tower and head at once
         return RankerOutput(raw_BT, moe.aux_loss, moe.gates, moe.stats)

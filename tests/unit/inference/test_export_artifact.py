@@ -150,9 +150,9 @@ def test_export_of_a_model_with_a_nan_names_the_key(trained, tmp_path):
     cfg, source, _ = trained
     poisoned = copy.deepcopy(source)
     with torch.no_grad():
-        poisoned.model.towers[2][0].weight[3, 1] = float("nan")
+        poisoned.model.towers.weights[0][2, 3, 1] = float("nan")
     ckpt = save_checkpoint(poisoned, cfg, tmp_path / "run", STEPS)
-    with pytest.raises(CheckpointError, match=r"key 'model.model.towers.2.0.weight' holds NaN"):
+    with pytest.raises(CheckpointError, match=r"key 'model.model.towers.weights.0' holds NaN"):
         export_checkpoint(ckpt, tmp_path / "artifact")
 
 
