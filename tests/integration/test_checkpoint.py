@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsys_moe.checkpoint.manager import CheckpointError, read_meta
+from recsys_moe.checkpoint.manager import FORMAT, CheckpointError, read_meta
 from recsys_moe.config.schema import ExpertCompute, TrainConfig
 from recsys_moe.distributed.comm import all_gather_objects
 from recsys_moe.distributed.full_state import full_state_dict
@@ -261,3 +261,13 @@ def test_checkpoint_config_is_checked(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint.keep \(0\) must be >= 1"):
         Trainer(_config(tiny_data, keep=0), tmp_path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_checkpoint_of_another_format_is_refused_naming_both(tiny_data, tmp_path):
+    # format 1 held the towers and heads per task; its tensors do not fit format 2's stacked ones
+    run(_config(tiny_data, every_steps=0), tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step_00000020"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "format": FORMAT - 1}))
+    with pytest.raises(CheckpointError, match=f"checkpoint format {FORMAT - 1}, not {FORMAT}"):
+        Trainer(_config(tiny_data, every_steps=0), tmp_path)

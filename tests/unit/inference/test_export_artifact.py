@@ -21,7 +21,7 @@ from recsys_moe.inference import (
     export_checkpoint,
     load_artifact,
 )
-from recsys_moe.inference.artifact import CONFIG, MANIFEST, WEIGHTS
+from recsys_moe.inference.artifact import CONFIG, FORMAT_VERSION, MANIFEST, WEIGHTS
 from tests.checkpoint_fixtures import (
     batches,
     save_checkpoint,
@@ -134,6 +134,18 @@ def test_a_truncated_or_missing_file_fails_naming_it(trained, tmp_path):
     out = export_checkpoint(ckpt, tmp_path / "missing")
     (out / CONFIG).unlink()
     with pytest.raises(ArtifactError, match=re.escape(f"{out / CONFIG}: missing")):
+        load_artifact(out)
+
+
+def test_an_artifact_of_another_format_version_is_refused_naming_both(trained, tmp_path):
+    # version 1 held the towers and heads per task; version 2 stacks them (TaskTowers)
+    _, _, ckpt = trained
+    out = export_checkpoint(ckpt, tmp_path / "artifact")
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(
+        ArtifactError, match=f"version {FORMAT_VERSION - 1}; .* version {FORMAT_VERSION}"
+    ):
         load_artifact(out)
 
 
