@@ -83,7 +83,7 @@ class TaskTowers(nn.Module):
                 for t in range(self.num_tasks):
                     for layer in layers:
                         w_IO, b_O = self.weights[layer][t], self.biases[layer][t]
-                        w_OI = torch.empty(w_IO.shape[1], w_IO.shape[0], dtype=w_IO.dtype)
+                        w_OI = w_IO.new_empty(w_IO.shape[1], w_IO.shape[0])
                         nn.init.kaiming_uniform_(w_OI, a=math.sqrt(5))
                         w_IO.copy_(w_OI.t())
                         bound = 1.0 / math.sqrt(w_IO.shape[0])
